@@ -1,0 +1,63 @@
+"""An asyncio front for embedding the engine in async servers.
+
+One background task steps the engine while requests are in flight; each `generate` call awaits its own
+image. The engine runs in a worker thread so the event loop stays responsive during a step. Cancelling a
+`generate` call (e.g. a client disconnect) aborts its request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from varserve.engine import Engine
+from varserve.outputs import ImageOutput
+from varserve.params import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._waiters: dict[str, asyncio.Future[ImageOutput]] = {}
+        self._lock = asyncio.Lock()  # the engine is not thread-safe: one call into it at a time
+        self._loop_task: asyncio.Task | None = None
+
+    @classmethod
+    def from_args(cls, model: str = "tiny", **kwargs) -> "AsyncEngine":
+        return cls(Engine(model, **kwargs))
+
+    async def generate(self, prompt: str, params: SamplingParams | None = None, *, request_id: str | None = None,
+                       priority: int = 0) -> ImageOutput:
+        """One image. Raises ValueError for bad input, RuntimeError if the image failed."""
+        async with self._lock:
+            rid = self.engine.add_request(prompt, params, request_id=request_id, priority=priority)
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = future
+        self._ensure_loop()
+        try:
+            out = await future
+        except asyncio.CancelledError:
+            await self.abort(rid)
+            raise
+        finally:
+            self._waiters.pop(rid, None)
+        if out.error:
+            raise RuntimeError(f"request {rid} failed: {out.error}")
+        return out
+
+    async def abort(self, request_id: str) -> bool:
+        async with self._lock:
+            return self.engine.abort(request_id)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._waiters:
+            async with self._lock:
+                outputs = await asyncio.to_thread(self.engine.step)
+            for out in outputs:
+                future = self._waiters.get(out.request_id)
+                if future is not None and not future.done():
+                    future.set_result(out)
+            await asyncio.sleep(0)

@@ -1,0 +1,258 @@
+"""The engine: requests in, images out. It never touches tensors; the model runner does."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections import deque
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from varserve.cache.allocator import BlockAllocator
+from varserve.cache.block_manager import BlockManager
+from varserve.cache.policy import KVPlan, make_policy
+from varserve.config import EngineConfig
+from varserve.model_runner import ModelRunner
+from varserve.models.generation import ScaleSampling, num_rows
+from varserve.models.schedule import ScaleSchedule
+from varserve.outputs import ImageMetrics, ImageOutput
+from varserve.params import SamplingParams
+from varserve.scheduler.request import Request, RequestStatus
+from varserve.scheduler.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger("varserve")
+
+
+class Engine:
+    """Serves Infinity-family text-to-image models with continuous batching of scale steps.
+
+    model: a preset name ("tiny", "infinity-2b", "infinity-8b") or a local weights directory/file.
+    kv_policy / kv_budget: which KV policy and which fraction of the full history cache it keeps.
+    device / dtype: defaults: CUDA if available, bf16 on CUDA and float32 on CPU.
+    gpu_memory_utilization: share of the device memory the engine may use (weights, activations, pages).
+    max_num_seqs / max_num_batched_tokens: running requests, and query tokens of one step, at most.
+    page_size: tokens per page (one head of one layer of one row). random_weights: no download.
+    Other keyword arguments: see `EngineConfig` (num_pages, weights_path, attention_backend, seed).
+    """
+
+    def __init__(
+        self, model: str = "tiny", *, kv_policy: str = "full", kv_budget: float = 1.0, device: str | None = None,
+        dtype: str | None = None, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64,
+        max_num_batched_tokens: int | None = None, page_size: int | None = None, random_weights: bool = False,
+        **kwargs,
+    ):
+        self.config = EngineConfig(
+            model=model, kv_policy=kv_policy, kv_budget=kv_budget, device=device, dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, page_size=page_size, random_weights=random_weights,
+            **kwargs,
+        )
+        self.policy = make_policy(self.config.kv_policy, self.config.kv_budget)
+        self.runner = ModelRunner(self.config, self.policy)
+        self.model_config = self.runner.model_config
+        self.allocator = BlockAllocator(self.runner.num_pages)
+        self.block_manager = BlockManager(self.allocator, self.runner.page_size)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_pages=self.allocator.num_total - 1, max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.runner.max_num_batched_tokens,
+        ))
+        self._plans: dict[tuple[str, int], tuple[KVPlan, np.ndarray]] = {}
+        self._outbox: deque[ImageOutput] = deque()
+        self._log_capacity()
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def add_request(
+        self, prompt: str, params: SamplingParams | None = None, *, request_id: str | None = None, priority: int = 0,
+    ) -> str:
+        """Queue one image; returns its request id. ValueError for input that can never run."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        if self.scheduler.find(request_id) is not None:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.runner.check_prompt(prompt, params.negative_prompt)
+        req = self._make_request(request_id, prompt, params, priority)
+        self.scheduler.add(req)
+        return request_id
+
+    def _make_request(self, request_id: str, prompt: str, params: SamplingParams, priority: int) -> Request:
+        schedule = params.schedule
+        rows = num_rows(params.cfg, params.negative_prompt is not None)
+        plan, held = self._plan(schedule, rows)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        return Request(
+            request_id=request_id, prompt=prompt, negative_prompt=params.negative_prompt, schedule=schedule,
+            sampling=ScaleSampling(params.cfg, params.tau, params.top_p), seed=seed, rows=rows, plan=plan,
+            held=held, priority=priority,
+        )
+
+    def _plan(self, schedule: ScaleSchedule, rows: int) -> tuple[KVPlan, np.ndarray]:
+        key = (f"{schedule.h_div_w}/{schedule.pixel_budget}", rows)
+        if key not in self._plans:
+            plan = self.policy.plan(self.model_config, schedule)
+            self._plans[key] = (plan, plan.held_pages(self.runner.page_size, rows))
+        return self._plans[key]
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request at any time and free everything it holds. False if it is unknown or done."""
+        req = self.scheduler.find(request_id)
+        if req is None:
+            return False
+        self._release(req, RequestStatus.ABORTED)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- stepping -------------------------------------------------------------------------------------
+    def step(self) -> list[ImageOutput]:
+        """Run the next scale of every running request; return the requests that ended in this step
+        (finished, or failed with `error` set and no image)."""
+        outputs = list(self._outbox)
+        self._outbox.clear()
+        reqs = self._schedule()
+        if not reqs:
+            return outputs
+        try:
+            images = self.runner.execute(reqs, self.block_manager)
+        except Exception as exc:  # the step's device state is unusable: fail its requests, keep serving
+            logger.exception("step failed; failing its %d requests", len(reqs))
+            return outputs + [self._fail(r, f"{type(exc).__name__}: {exc}") for r in reqs]
+        for req in reqs:
+            self._after_scale(req)
+        return outputs + [self._finish(r, images[r.request_id]) for r in reqs if r.request_id in images]
+
+    def _schedule(self) -> list[Request]:
+        reqs = self.scheduler.schedule()
+        while reqs and not self.block_manager.can_run_step(reqs):  # never expected: admission is exact
+            victim = max(self.scheduler.running, key=Request.sort_key)
+            logger.warning("preempting %s (recompute): pages do not fit", victim.request_id)
+            self.block_manager.release(victim)
+            self.runner.release(victim.request_id)
+            self.scheduler.preempt(victim)
+            reqs = self.scheduler.schedule()
+        now = time.monotonic()
+        for req in reqs:
+            if req.tables is None:
+                self.block_manager.start(req)
+                req.first_scheduled_time = req.first_scheduled_time or now
+        return reqs
+
+    def _after_scale(self, req: Request) -> None:
+        req.page_samples.append(self.block_manager.pages_held(req))
+        req.scale += 1
+
+    def _finish(self, req: Request, pixels: np.ndarray) -> ImageOutput:
+        req.finish_time = time.monotonic()
+        metrics = self._metrics(req)
+        self._release(req, RequestStatus.FINISHED)
+        return ImageOutput(req.request_id, req.prompt, req.seed, req.schedule.name, Image.fromarray(pixels), metrics)
+
+    def _fail(self, req: Request, error: str) -> ImageOutput:
+        req.finish_time, req.error = time.monotonic(), error
+        metrics = self._metrics(req)
+        self._release(req, RequestStatus.FAILED)
+        return ImageOutput(req.request_id, req.prompt, req.seed, req.schedule.name, None, metrics,
+                           finish_reason="failed", error=error)
+
+    def _release(self, req: Request, status: RequestStatus) -> None:
+        self.block_manager.release(req)
+        self.runner.release(req.request_id)
+        self.scheduler.finish(req, status)
+
+    def _metrics(self, req: Request) -> ImageMetrics:
+        page_bytes = self.runner.page_bytes
+        full_history = req.rows * req.schedule.history_tokens * self.model_config.depth * self.model_config.num_heads
+        return ImageMetrics(
+            latency_s=(req.finish_time or time.monotonic()) - req.arrival_time,
+            queue_s=(req.first_scheduled_time or req.arrival_time) - req.arrival_time,
+            scales=req.scale, peak_kv_pages=req.peak_pages,
+            mean_kv_pages=float(np.mean(req.page_samples)) if req.page_samples else 0.0,
+            peak_kv_bytes=req.peak_pages * page_bytes,
+            nominal_kv_bytes=full_history * page_bytes // self.runner.page_size,
+            kv_budget=self.config.kv_budget, num_preemptions=req.num_preemptions,
+        )
+
+    # ---- offline --------------------------------------------------------------------------------------
+    def generate(
+        self, prompts: str | Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ImageOutput]:
+        """Generate one image per prompt; outputs in input order. Raises RuntimeError if any image failed
+        (after every other image of the call is done), never returning a partial result as whole."""
+        prompts, params = _normalize_inputs(prompts, params)
+        ids = self._add_all(prompts, params)
+        results: dict[str, ImageOutput] = {}
+        bar = tqdm(total=len(ids), desc="images", disable=not use_tqdm, unit="img")
+        start = time.monotonic()
+        while len(results) < len(ids):
+            for out in self.step():
+                if out.request_id in ids:
+                    results[out.request_id] = out
+                    bar.update(1)
+                    bar.set_postfix(img_per_s=f"{bar.n / max(time.monotonic() - start, 1e-9):.2f}")
+                else:
+                    self._outbox.append(out)
+        bar.close()
+        failed = [o for o in results.values() if o.error]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(ids)} images failed; first: {failed[0].error}")
+        return [results[i] for i in ids]
+
+    def _add_all(self, prompts: list[str], params: list[SamplingParams]) -> list[str]:
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.add_request(prompt, p))
+        except Exception:
+            for i in ids:
+                self.abort(i)
+            raise
+        return ids
+
+    # ---- stats ----------------------------------------------------------------------------------------
+    def cache_stats(self) -> dict:
+        a = self.allocator
+        return {
+            "total_pages": a.num_total - 1, "free_pages": a.num_free, "used_pages": a.num_used,
+            "peak_used_pages": a.peak_used, "page_bytes": self.runner.page_bytes, "page_size": self.runner.page_size,
+            "kv_pool_bytes": (a.num_total - 1) * self.runner.page_bytes, "kv_policy": self.policy.name,
+            "kv_budget": self.config.kv_budget, "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+        }
+
+    def _log_capacity(self) -> None:
+        schedule = SamplingParams().schedule
+        _, held = self._plan(schedule, 2)
+        peak = int(held.max())
+        logger.info(
+            "KV pool: %d pages x %d B (%.2f GiB), policy %s budget %g; a %s image peaks at %d pages (%.1f MiB): "
+            "%d such images fit at once", self.allocator.num_total - 1, self.runner.page_bytes,
+            (self.allocator.num_total - 1) * self.runner.page_bytes / 2**30, self.policy.name, self.config.kv_budget,
+            schedule.name, peak, peak * self.runner.page_bytes / 2**20, (self.allocator.num_total - 1) // max(peak, 1),
+        )
+
+
+def _normalize_inputs(
+    prompts: str | Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None,
+) -> tuple[list[str], list[SamplingParams]]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give a prompt or a list of prompts")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompts[{i}] must be a str, got {type(p).__name__}")
+    if params is None or isinstance(params, SamplingParams):
+        return prompts, [params or SamplingParams()] * len(prompts)
+    params = list(params)
+    if len(params) != len(prompts):
+        raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+    return prompts, params

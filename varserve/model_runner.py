@@ -1,0 +1,152 @@
+"""The only engine file that touches tensors: loads the model, owns the KV pages and every request's
+device state, runs one step over the current scale of every running request, samples and decodes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from varserve.attention import select_backend
+from varserve.cache.block_manager import BlockManager
+from varserve.cache.kv_pool import KVPool, PagedKV
+from varserve.cache.policy import KVPolicy
+from varserve.config import EngineConfig
+from varserve.models.generation import advance, sample_scale, text_rows
+from varserve.models.infinity import TextMemory, make_batch
+from varserve.models.loader import load_model
+from varserve.models.sampler import make_generator
+from varserve.scheduler.request import Request
+
+logger = logging.getLogger("varserve")
+
+DEFAULT_PAGE_SIZE = 32
+CPU_KV_BYTES = 2 * 2**30  # pool size on CPU when num_pages is not given
+ACTIVATION_MARGIN = 1.2  # head room over the profiled peak step
+
+
+@dataclass
+class RequestState:
+    """Device state of one running request."""
+
+    text: TextMemory
+    x: Tensor  # the next scale's input, [rows * h * w, C]
+    summed: Tensor | None  # accumulated codes
+    generator: torch.Generator
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, policy: KVPolicy):
+        self.config, self.policy = config, policy
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = getattr(torch, config.dtype) if config.dtype else _default_dtype(self.device)
+        loaded = load_model(config.model, device=self.device, dtype=self.dtype,
+                            random_weights=config.random_weights, weights=config.weights, seed=config.seed)
+        self.model_config, self.model, self.vae, self.text_encoder = (
+            loaded.config, loaded.transformer, loaded.vae, loaded.text_encoder)
+        self.page_size = config.page_size or DEFAULT_PAGE_SIZE
+        self.page_bytes = KVPool.page_bytes(self.page_size, self.model_config.head_dim, self.dtype)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or _default_token_budget(self.device)
+        self.backend = select_backend(self.device, config.attention_backend)
+        self.num_pages = config.num_pages or self._size_pool()
+        self.pool = KVPool(self.num_pages, self.page_size, self.model_config.head_dim, self.dtype, self.device)
+        self.states: dict[str, RequestState] = {}
+
+    # ---- memory sizing --------------------------------------------------------------------------------
+    def _size_pool(self) -> int:
+        if self.device.type != "cuda":
+            return max(2, CPU_KV_BYTES // self.page_bytes)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        budget = total * self.config.gpu_memory_utilization - used_by_others - torch.cuda.memory_allocated(self.device)
+        budget -= ACTIVATION_MARGIN * self._profile_step()
+        pages = int(budget // self.page_bytes)
+        if pages < 2:
+            raise RuntimeError(
+                f"no memory left for KV pages: {total / 2**30:.1f} GiB x {self.config.gpu_memory_utilization} "
+                f"minus weights and a {self.max_num_batched_tokens}-token step leaves {budget / 2**30:.2f} GiB")
+        return pages
+
+    @torch.no_grad()
+    def _profile_step(self) -> int:
+        """Peak extra memory of one step of max_num_batched_tokens tokens (dense attention over the
+        step's own tokens, the layout of a step's activations), in bytes."""
+        from varserve.models.reference import DenseKV
+
+        rows = max(1, self.max_num_batched_tokens // 4096)
+        side = int((self.max_num_batched_tokens // rows) ** 0.5)
+        text = self.model.encode_text(torch.randn(rows * 8, self.model_config.text_dim, device=self.device), [8] * rows)
+        kv = DenseKV(rows, self.model_config.depth)
+        kv.begin([side * side] * rows)
+        batch = make_batch(self.model, text, [(0, (side, side), (side, side))] * rows)
+        x = torch.randn(rows * side * side, self.model_config.width, device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.model(x, batch, kv)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        logger.info("profiled step of %d tokens: %.2f GiB of activations", rows * side * side, peak / 2**30)
+        return peak
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def check_prompt(self, prompt: str, negative_prompt: str | None) -> None:
+        """ValueError if a prompt is longer than the text encoder takes."""
+        texts = [t for t in (prompt, negative_prompt) if t is not None]
+        self.text_encoder.check_lengths(self.text_encoder.tokenizer.token_ids(texts))
+
+    def release(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+
+    def _start(self, reqs: list[Request]) -> None:
+        prompts = self.text_encoder.encode([r.prompt for r in reqs])
+        negatives = [r for r in reqs if r.negative_prompt is not None]
+        neg = self.text_encoder.encode([r.negative_prompt for r in negatives]) if negatives else None
+        for i, req in enumerate(reqs):
+            neg_index = negatives.index(req) if req in negatives else None
+            text = text_rows(self.model, prompts, i, req.rows, neg, neg_index)
+            self.states[req.request_id] = RequestState(
+                text, self.model.start_tokens(text.cond), None, make_generator(req.seed, self.device))
+
+    # ---- one step -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def execute(self, reqs: list[Request], blocks: BlockManager) -> dict[str, np.ndarray]:
+        """Run the next scale of every request; return uint8 RGB images of the ones that finished."""
+        new = [r for r in reqs if r.request_id not in self.states]
+        if new:
+            self._start(new)
+        states = [self.states[r.request_id] for r in reqs]
+        rows = [(r.scale, r.schedule.scales[r.scale], r.schedule.rope_grid) for r in reqs for _ in range(r.rows)]
+        batch = make_batch(self.model, TextMemory.concat([s.text for s in states]), rows)
+        kv = PagedKV(self.pool, blocks, reqs, batch.cu_seqlens, batch.max_seqlen, self.backend)
+        logits = self.model(torch.cat([s.x for s in states]), batch, kv)
+        start, finished = 0, []
+        for req, state in zip(reqs, states):
+            n = req.scale_tokens
+            bits = sample_scale(logits[start : start + n], req.rows, req.sampling, state.generator)
+            state.summed, state.x = advance(self.model, self.vae, state.summed, bits, req.schedule, req.scale, req.rows)
+            start += n
+            if state.x is None:
+                finished.append(req)
+        return self._decode(finished)
+
+    def _decode(self, reqs: list[Request]) -> dict[str, np.ndarray]:
+        """VAE-decode finished images, batched by size."""
+        images: dict[str, np.ndarray] = {}
+        by_size: dict[str, list[Request]] = {}
+        for req in reqs:
+            by_size.setdefault(req.schedule.name, []).append(req)
+        for group in by_size.values():
+            pixels = self.vae.decode(torch.cat([self.states[r.request_id].summed for r in group])).cpu().numpy()
+            images.update({r.request_id: pixels[i] for i, r in enumerate(group)})
+        return images
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _default_token_budget(device: torch.device) -> int:
+    return 131072 if device.type == "cuda" else 32768

@@ -1,0 +1,219 @@
+"""T5 text encoder: prompts -> packed per-token features, as the official encode_prompt builds them.
+
+Official recipe (tools/run_infinity.py): flan-t5-xl tokenizer (legacy=True, 512 tokens), T5EncoderModel
+last_hidden_state in float32, each prompt's valid tokens (</s> included) concatenated, with lengths and
+cu_seqlens. One difference: a prompt longer than the limit is rejected instead of silently truncated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import huggingface_hub
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+from varserve.models.checkpoint import (
+    HF_T5_PATTERNS,
+    LOCAL_FOLDER,
+    hf_t5_download_command,
+    hub_call,
+    local_path_hint,
+)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    name: str
+    d_model: int
+    max_length: int  # tokens per prompt, </s> included
+    hf_repo: str | None = None  # Hub repo of a T5 checkpoint; None: a random encoder from the fields below
+    num_layers: int = 2
+    num_heads: int = 4
+    d_ff: int = 128
+    seed: int = 0
+
+
+TEXT_ENCODER_PRESETS: dict[str, TextEncoderConfig] = {
+    "flan-t5-xl": TextEncoderConfig(name="flan-t5-xl", d_model=2048, max_length=512, hf_repo="google/flan-t5-xl"),
+    "tiny": TextEncoderConfig(name="tiny", d_model=64, max_length=64),
+}
+
+
+@dataclass
+class TextBatch:
+    features: torch.Tensor  # [sum(lengths), d_model] float32, the prompts' tokens back to back
+    lengths: list[int]  # tokens per prompt, </s> included
+    cu_seqlens: torch.Tensor  # [len(lengths) + 1] int32: prompt i owns features[cu_seqlens[i]:cu_seqlens[i + 1]]
+
+
+class Tokenizer(Protocol):
+    pad_id: int
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def save_pretrained(self, folder: str | Path) -> None: ...
+
+
+class ByteTokenizer:
+    """Offline tokenizer for small configs: UTF-8 bytes, T5's special ids (<pad> 0, </s> 1, <unk> 2).
+
+    Saved as `byte_tokenizer.json` next to the model's config.json; a folder holding that file loads with
+    this tokenizer instead of a Hugging Face one.
+    """
+
+    FILE = "byte_tokenizer.json"
+    pad_id, eos_id, unk_id = 0, 1, 2
+    offset = 3  # byte b has id b + offset
+    vocab_size = offset + 256
+    _SPEC = {"type": "varserve-byte", "pad_id": 0, "eos_id": 1, "unk_id": 2, "offset": 3}
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[b + self.offset for b in text.encode("utf-8")] + [self.eos_id] for text in texts]
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        (Path(folder) / self.FILE).write_text(json.dumps(self._SPEC))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> ByteTokenizer:
+        spec = json.loads((Path(folder) / cls.FILE).read_text())
+        if spec != cls._SPEC:
+            raise ValueError(f"{Path(folder) / cls.FILE} describes another tokenizer: {spec}, expected {cls._SPEC}")
+        return cls()
+
+
+class HFTokenizer:
+    """A transformers tokenizer (flan-t5-xl: T5 sentencepiece unigram) seen through the Tokenizer protocol."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.pad_id: int = tokenizer.pad_token_id
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._tokenizer(list(texts))["input_ids"] if texts else []
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        self._tokenizer.save_pretrained(folder)
+
+
+class TextEncoder:
+    def __init__(self, config: TextEncoderConfig, model: T5EncoderModel, tokenizer: Tokenizer,
+                 batch_size: int = 32) -> None:
+        if model.config.d_model != config.d_model:
+            raise ValueError(
+                f"text encoder {config.name!r} expects d_model {config.d_model}, "
+                f"but the loaded T5 encoder has d_model {model.config.d_model}"
+            )
+        self.config = config
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, config: TextEncoderConfig, path: str | Path | None = None, *, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, batch_size: int = 32) -> TextEncoder:
+        """Load from a local Hugging Face folder, else download `config.hf_repo` (or get `path == hf_repo`),
+        else (no repo) build the random encoder of `config.seed`. The official code runs flan-t5-xl in fp16."""
+        folder = _source_folder(config, path)
+        if folder is None:
+            model, tokenizer = _random_encoder(config), ByteTokenizer()
+        else:
+            model, tokenizer = _from_folder(config, folder, dtype)
+        return cls(config, model.to(device=device, dtype=dtype), tokenizer, batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a folder that `TextEncoder.load(config, folder)` reads back."""
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    @torch.inference_mode()
+    def encode(self, prompts: Sequence[str]) -> TextBatch:
+        ids = self.tokenizer.token_ids(prompts)
+        self.check_lengths(ids)
+        chunks = [self._encode_padded(ids[i:i + self.batch_size]) for i in range(0, len(ids), self.batch_size)]
+        lengths = [len(seq) for seq in ids]
+        features = torch.cat(chunks) if chunks else torch.empty(0, self.config.d_model, device=self.device)
+        counts = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        cu_seqlens = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+        return TextBatch(features=features, lengths=lengths, cu_seqlens=cu_seqlens)
+
+    def check_lengths(self, ids: list[list[int]]) -> None:
+        """ValueError naming the first prompt over the token limit (prompts are never truncated)."""
+        limit = self.config.max_length
+        for index, seq in enumerate(ids):
+            if len(seq) > limit:
+                raise ValueError(
+                    f"prompt {index} is {len(seq)} tokens long (</s> included), over the {limit}-token limit "
+                    f"of the {self.config.name} text encoder; shorten it (prompts are not truncated)"
+                )
+
+    def _encode_padded(self, ids: list[list[int]]) -> torch.Tensor:
+        """Features of the valid tokens of a few prompts padded to the longest (padding is masked out)."""
+        width = max(len(seq) for seq in ids)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        return torch.cat([hidden[row, :len(seq)] for row, seq in enumerate(ids)]).float()
+
+
+def _source_folder(config: TextEncoderConfig, path: str | Path | None) -> Path | None:
+    """The local folder to load (downloaded if needed), or None for a random encoder."""
+    if path is not None and Path(path).expanduser().is_dir():
+        return Path(path).expanduser()
+    if path is not None and str(path) != config.hf_repo:
+        raise FileNotFoundError(f"text encoder folder {path} does not exist")
+    return None if config.hf_repo is None else _download(config.hf_repo)
+
+
+def _download(repo_id: str) -> Path:
+    folder = f"{LOCAL_FOLDER}/{repo_id.rsplit('/', 1)[-1]}"
+    advice = (
+        f"Without network access, download it elsewhere:\n  {hf_t5_download_command(repo_id, folder)}\n"
+        f"then put that folder inside the weights folder you pass to the engine, e.g. "
+        f"{local_path_hint('infinity-2b')}, or load it with TextEncoder.load(config, path={folder!r})."
+    )
+    fetch = partial(huggingface_hub.snapshot_download, repo_id, allow_patterns=list(HF_T5_PATTERNS))
+    return hub_call(fetch, repo_id, HF_T5_PATTERNS, advice)
+
+
+def _from_folder(config: TextEncoderConfig, folder: Path, dtype: torch.dtype) -> tuple[T5EncoderModel, Tokenizer]:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a Hugging Face T5 folder (it has no config.json)")
+    if (folder / ByteTokenizer.FILE).is_file():
+        tokenizer: Tokenizer = ByteTokenizer.from_pretrained(folder)
+    else:
+        hf = AutoTokenizer.from_pretrained(folder, legacy=True)
+        hf.model_max_length = config.max_length
+        tokenizer = HFTokenizer(hf)
+    return T5EncoderModel.from_pretrained(folder, dtype=dtype), tokenizer
+
+
+def _random_encoder(config: TextEncoderConfig) -> T5EncoderModel:
+    t5 = T5Config(
+        vocab_size=ByteTokenizer.vocab_size,
+        d_model=config.d_model,
+        d_kv=config.d_model // config.num_heads,
+        d_ff=config.d_ff,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        feed_forward_proj="gated-gelu",  # as flan-t5
+        dropout_rate=0.0,
+        pad_token_id=ByteTokenizer.pad_id,
+        eos_token_id=ByteTokenizer.eos_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return T5EncoderModel(t5)

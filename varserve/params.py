@@ -1,0 +1,41 @@
+"""User-facing parameters, validated with pydantic: a bad value raises ValueError naming the field."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from varserve.models.schedule import ScaleSchedule, parse_size
+
+MAX_SEED = 2**63 - 1
+
+
+class SamplingParams(BaseModel):
+    """How one image is sampled.
+
+    cfg: classifier-free guidance on the bit logits (1.0 disables CFG and its second row).
+    tau: temperature of every bit's 2-way softmax.
+    top_p: the minority bit is never sampled when its probability is <= 1 - top_p (0 disables).
+    seed: the request's generator seed; None draws one (reported in ImageOutput.seed).
+    size: 'WIDTHxHEIGHT' from the size table (e.g. '1024x1024', '720x1440') or 'W:H@BUDGET'
+          (aspect ratio and pixel budget 256/512/768/1024, e.g. '1:2@1024').
+    negative_prompt: replaces the learned unconditional text in the CFG row.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cfg: float = Field(4.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    tau: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    top_p: float = Field(0.97, ge=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    size: str = "1024x1024"
+    negative_prompt: str | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, size: str) -> str:
+        parse_size(size)
+        return size
+
+    @property
+    def schedule(self) -> ScaleSchedule:
+        return parse_size(self.size)

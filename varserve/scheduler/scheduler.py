@@ -1,0 +1,94 @@
+"""Continuous batching of scale steps.
+
+Every step runs the next scale of every running request, whatever scale each is at. Running requests move
+in lockstep (one scale per step), and every policy's page counts are static, so the pages and tokens of
+all future steps are known: a waiting request is admitted only if, from now until every running request
+ends, pages at every layer boundary of every step and tokens of every step stay within the limits. An
+admitted image therefore never runs out of pages midway. Order: priority (lower first), then arrival.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from varserve.scheduler.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_pages: int  # pages the pool can hand out
+    max_num_seqs: int  # running requests at most
+    max_num_batched_tokens: int  # query tokens of one step (all rows) at most
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+
+    def check_fits_alone(self, req: Request) -> None:
+        """ValueError (with the numbers) if the request could never run, even on an idle engine."""
+        pages, tokens = int(req.held.max()), int(req.remaining_tokens.max())
+        if pages > self.config.num_pages:
+            raise ValueError(
+                f"request {req.request_id} ({req.schedule.name}, {req.rows} rows) needs {pages} KV pages at its "
+                f"peak but the pool has {self.config.num_pages}: use a smaller size, a lower kv_budget, or more "
+                f"memory (gpu_memory_utilization)"
+            )
+        if tokens > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"request {req.request_id} ({req.schedule.name}, {req.rows} rows) runs {tokens} tokens in one "
+                f"step but max_num_batched_tokens is {self.config.max_num_batched_tokens}"
+            )
+
+    def add(self, req: Request) -> None:
+        self.check_fits_alone(req)
+        self.waiting.append(req)
+        self.waiting.sort(key=Request.sort_key)
+
+    def schedule(self) -> list[Request]:
+        """Admit what fits (in order, stopping at the first that does not) and return the step's requests."""
+        while self.waiting and len(self.running) < self.config.max_num_seqs and self._fits(self.waiting[0]):
+            req = self.waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        return list(self.running)
+
+    def _fits(self, new: Request) -> bool:
+        group = self.running + [new]
+        pages = _stack([r.remaining_held for r in group]).sum(0)
+        tokens = _stack([r.remaining_tokens[:, None] for r in group]).sum(0)
+        return pages.max() <= self.config.num_pages and tokens.max() <= self.config.max_num_batched_tokens
+
+    def finish(self, req: Request, status: RequestStatus = RequestStatus.FINISHED) -> None:
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def preempt(self, req: Request) -> None:
+        """Recompute-only preemption: the request starts again from scale 0 (same seed, same image)."""
+        self.running.remove(req)
+        req.scale, req.status = 0, RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.waiting.insert(0, req)
+
+    def find(self, request_id: str) -> Request | None:
+        return next((r for r in self.running + self.waiting if r.request_id == request_id), None)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+
+def _stack(profiles: list[np.ndarray]) -> np.ndarray:
+    """Align per-request future profiles [k, ...] at k = 0 and zero-pad to the longest."""
+    steps = max(p.shape[0] for p in profiles)
+    out = np.zeros((len(profiles), steps) + profiles[0].shape[1:], dtype=np.int64)
+    for i, p in enumerate(profiles):
+        out[i, : p.shape[0]] = p
+    return out
