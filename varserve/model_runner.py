@@ -138,8 +138,10 @@ class ModelRunner:
         by_size: dict[str, list[Request]] = {}
         for req in reqs:
             by_size.setdefault(req.schedule.name, []).append(req)
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
         for group in by_size.values():
-            pixels = self.vae.decode(torch.cat([self.states[r.request_id].summed for r in group])).cpu().numpy()
+            with autocast:
+                pixels = self.vae.decode(torch.cat([self.states[r.request_id].summed for r in group])).cpu().numpy()
             images.update({r.request_id: pixels[i] for i, r in enumerate(group)})
         return images
 

@@ -46,7 +46,7 @@ def _random(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: in
     torch.manual_seed(seed)
     with torch.device(device):
         transformer = Infinity(cfg)
-    vae = load_vae(cfg.vae, seed=seed, dtype=dtype, device=device)
+    vae = load_vae(cfg.vae, seed=seed, dtype=_vae_dtype(dtype), device=device)
     encoder = TextEncoder.load(_encoder_config(cfg, random=True), device=device, dtype=_text_dtype(dtype))
     return LoadedModel(cfg, transformer.to(device=device, dtype=dtype).eval(), vae, encoder)
 
@@ -59,7 +59,7 @@ def _official(cfg: ModelConfig, weights: str | None, device: torch.device, dtype
     with torch.no_grad():  # rows past a shorter file's cfg_uncond keep the constructor's init, not garbage
         transformer.cfg_uncond.normal_(0.0, 1.2 / cfg.text_dim**0.5)
     load_into(transformer, load_transformer_state_dict(files.transformer))
-    vae = load_vae(cfg.vae, files.vae, dtype=dtype, device=device)
+    vae = load_vae(cfg.vae, files.vae, dtype=_vae_dtype(dtype), device=device)
     encoder = TextEncoder.load(_encoder_config(cfg, random=False), files.text_encoder, device=device,
                                dtype=_text_dtype(dtype))
     return LoadedModel(cfg, transformer.to(device=device, dtype=dtype).eval(), vae, encoder)
@@ -74,6 +74,11 @@ def _encoder_config(cfg: ModelConfig, random: bool):
 
 def _text_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The VAE keeps fp32 weights (fp64 in exactness tests); on GPU it decodes under bf16 autocast."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _detect_preset(path: Path) -> str:

@@ -1,0 +1,175 @@
+"""The paged engine against the dense reference path, batch invariance, aborts, failures and bad input.
+
+Everything runs the tiny model in float64 so that paged and dense attention agree to the last bit of the
+sampled images (both sum the same products; only rounding order could differ, far below any bit flip).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from varserve import Engine, SamplingParams
+from varserve.models.generation import ScaleSampling
+from varserve.models.reference import generate_dense
+
+SMALL = "256x256"
+TALL = "1:2@256"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine("tiny", dtype="float64", num_pages=40000, page_size=16, max_num_seqs=8)
+
+
+def dense_image(engine: Engine, prompt: str, params: SamplingParams) -> np.ndarray:
+    r = engine.runner
+    sampling = ScaleSampling(params.cfg, params.tau, params.top_p)
+    image, _ = generate_dense(r.model, r.vae, r.text_encoder, prompt, params.schedule, sampling, params.seed,
+                              params.negative_prompt)
+    return image.numpy()
+
+
+def assert_clean(engine: Engine) -> None:
+    stats = engine.cache_stats()
+    assert stats["used_pages"] == 0 and stats["free_pages"] == stats["total_pages"]
+    assert not engine.has_unfinished_requests()
+    assert not engine.runner.states
+
+
+@pytest.mark.parametrize("size", [SMALL, TALL])
+def test_full_policy_equals_dense_reference(engine: Engine, size: str) -> None:
+    params = SamplingParams(size=size, seed=11)
+    out = engine.generate("a red circle on a blue background", params, use_tqdm=False)[0]
+    assert out.image.size == params.schedule.image_size
+    np.testing.assert_array_equal(np.asarray(out.image), dense_image(engine, out.prompt, params))
+    assert_clean(engine)
+
+
+def test_negative_prompt_and_no_cfg_equal_dense_reference(engine: Engine) -> None:
+    for params in (SamplingParams(size=SMALL, seed=5, negative_prompt="blurry"),
+                   SamplingParams(size=SMALL, seed=5, cfg=1.0)):
+        out = engine.generate("a green square", params, use_tqdm=False)[0]
+        np.testing.assert_array_equal(np.asarray(out.image), dense_image(engine, "a green square", params))
+
+
+def test_batch_invariance_mixed_prompts_sizes_and_arrivals(engine: Engine) -> None:
+    target = SamplingParams(size=SMALL, seed=21)
+    alone = np.asarray(engine.generate("a yellow star", target, use_tqdm=False)[0].image)
+    engine.add_request("first comer", SamplingParams(size=TALL, seed=1), request_id="early")
+    engine.step()
+    engine.step()
+    engine.add_request("a yellow star", target, request_id="target")
+    engine.add_request("something else", SamplingParams(size=SMALL, seed=2, cfg=2.5), request_id="other")
+    outputs = run_to_end(engine)
+    assert set(outputs) == {"early", "target", "other"}
+    np.testing.assert_array_equal(np.asarray(outputs["target"].image), alone)
+    assert_clean(engine)
+
+
+def run_to_end(engine: Engine) -> dict:
+    outputs = {}
+    for _ in range(200):
+        for out in engine.step():
+            outputs[out.request_id] = out
+        if not engine.has_unfinished_requests():
+            return outputs
+    raise AssertionError("engine did not finish")
+
+
+def test_abort_midway_frees_pages_and_leaves_others_unchanged(engine: Engine) -> None:
+    keep = SamplingParams(size=SMALL, seed=31)
+    expected = dense_image(engine, "kept image", keep)
+    engine.add_request("kept image", keep, request_id="keep")
+    engine.add_request("aborted image", SamplingParams(size=TALL, seed=32), request_id="drop")
+    for _ in range(3):
+        engine.step()
+    assert engine.cache_stats()["used_pages"] > 0
+    assert engine.abort("drop")
+    assert not engine.abort("drop")
+    outputs = run_to_end(engine)
+    assert set(outputs) == {"keep"}
+    np.testing.assert_array_equal(np.asarray(outputs["keep"].image), expected)
+    assert_clean(engine)
+
+
+def test_abort_waiting_request(engine: Engine) -> None:
+    engine.add_request("never runs", SamplingParams(size=SMALL, seed=1), request_id="queued")
+    assert engine.abort("queued")
+    assert engine.step() == []
+    assert_clean(engine)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda e: e.generate([], use_tqdm=False), "empty"),
+        (lambda e: e.generate(["ok", 3], use_tqdm=False), r"prompts\[1\]"),
+        (lambda e: e.generate("x", SamplingParams(size="999x999"), use_tqdm=False), "size"),
+        (lambda e: e.generate("x", [SamplingParams(), SamplingParams()], use_tqdm=False), "2 SamplingParams"),
+        (lambda e: e.generate("x" * 500, SamplingParams(size=SMALL), use_tqdm=False), "token limit"),
+        (lambda e: e.add_request(None), "str"),
+    ],
+)
+def test_bad_input_raises_and_engine_keeps_serving(engine: Engine, call, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call(engine)
+    assert_clean(engine)
+    out = engine.generate("still serving", SamplingParams(size=SMALL, seed=3), use_tqdm=False)[0]
+    assert out.image is not None
+
+
+@pytest.mark.parametrize("field, value", [("cfg", -1.0), ("tau", math.nan), ("tau", 0.0), ("top_p", 1.5),
+                                          ("seed", -1), ("size", "12x7")])
+def test_sampling_params_validation_names_the_field(field: str, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_request_that_can_never_fit_fails_at_once() -> None:
+    small = Engine("tiny", num_pages=50, page_size=16)
+    with pytest.raises(ValueError, match=r"needs \d+ KV pages at its peak but the pool has 49"):
+        small.add_request("too big", SamplingParams(size=SMALL))
+    assert_clean(small)
+
+
+def test_failed_step_fails_its_requests_and_frees_everything(engine: Engine, monkeypatch) -> None:
+    engine.add_request("doomed", SamplingParams(size=SMALL, seed=1), request_id="doomed")
+    engine.step()
+    original = engine.runner.model.forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(engine.runner.model, "forward", broken)
+    outputs = engine.step()
+    monkeypatch.setattr(engine.runner.model, "forward", original)
+    assert [o.request_id for o in outputs] == ["doomed"]
+    assert outputs[0].finish_reason == "failed" and outputs[0].image is None
+    assert "device fell over" in outputs[0].error
+    assert_clean(engine)
+    with pytest.raises(RuntimeError, match="device fell over"):
+        monkeypatch.setattr(engine.runner.model, "forward", broken)
+        engine.generate("also doomed", SamplingParams(size=SMALL), use_tqdm=False)
+    monkeypatch.setattr(engine.runner.model, "forward", original)
+    assert_clean(engine)
+
+
+def test_metrics_report_measured_pages(engine: Engine) -> None:
+    params = SamplingParams(size=SMALL, seed=4)
+    out = engine.generate("metrics", params, use_tqdm=False)[0]
+    m = out.metrics
+    assert m.scales == params.schedule.num_scales
+    assert 0 < m.mean_kv_pages <= m.peak_kv_pages
+    assert m.peak_kv_bytes == m.peak_kv_pages * engine.runner.page_bytes
+    assert m.latency_s > 0 and m.queue_s >= 0
+    assert out.seed == 4 and out.size == SMALL
+
+
+def test_seed_none_draws_and_reports_a_seed(engine: Engine) -> None:
+    a, b = engine.generate(["same", "same"], SamplingParams(size=SMALL), use_tqdm=False)
+    assert a.seed != b.seed
+    again = engine.generate("same", SamplingParams(size=SMALL, seed=a.seed), use_tqdm=False)[0]
+    np.testing.assert_array_equal(np.asarray(again.image), np.asarray(a.image))

@@ -1,0 +1,155 @@
+"""Scheduling and page accounting without a model: admission by the future page profile, page reuse
+inside a step, priorities, limits, and preemption as a counted fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from varserve import Engine, SamplingParams
+from varserve.cache.allocator import BlockAllocator
+from varserve.cache.block_manager import BlockManager
+from varserve.cache.policy import FullPolicy
+from varserve.models.config import get_config
+from varserve.models.generation import ScaleSampling
+from varserve.models.schedule import parse_size
+from varserve.scheduler.request import Request
+from varserve.scheduler.scheduler import Scheduler, SchedulerConfig
+
+PAGE = 16
+CFG = get_config("tiny")
+
+
+def make_request(rid: str, size: str = "256x256", rows: int = 2, priority: int = 0, arrival: float = 0.0) -> Request:
+    schedule = parse_size(size)
+    plan = FullPolicy().plan(CFG, schedule)
+    return Request(rid, "p", None, schedule, ScaleSampling(4.0, 1.0, 0.97), 0, rows, plan,
+                   plan.held_pages(PAGE, rows), priority=priority, arrival_time=arrival)
+
+
+def run_step(blocks: BlockManager, reqs: list[Request]) -> list[np.ndarray]:
+    """Grow and cut every layer like a model step would; return the pages written at each layer."""
+    written = []
+    for layer in range(CFG.depth):
+        pages = blocks.begin_layer(reqs, layer)
+        written.append(np.unique(pages.write_slots // PAGE))
+        blocks.end_layer(reqs, layer)
+    for req in reqs:
+        req.scale += 1
+    return written
+
+
+def test_held_profile_matches_what_a_step_really_holds() -> None:
+    req = make_request("a", rows=2)
+    allocator = BlockAllocator(100_000)
+    blocks = BlockManager(allocator, PAGE)
+    blocks.start(req)
+    for scale in range(req.schedule.num_scales):
+        for layer in range(CFG.depth):
+            blocks.begin_layer([req], layer)
+            assert allocator.num_used == req.held[scale, layer]
+            blocks.end_layer([req], layer)
+        req.scale += 1
+    assert allocator.num_used == 0  # the last scale frees every layer right after it attends
+
+
+def test_pages_freed_by_one_request_serve_another_in_the_same_step() -> None:
+    a, b = make_request("a"), make_request("b")
+    last = a.schedule.num_scales - 1  # A's last scale: each layer frees everything once it has attended
+    need = int((a.held[last] + b.held[4]).max())
+    without_reuse = int(a.held[last, -1] + a.plan.pages_attend(PAGE)[last, :-1].sum() * a.rows + b.held[4].max())
+    assert need < without_reuse
+    allocator = BlockAllocator(need + 1)  # exactly the layer-resolved peak of the step
+    blocks = BlockManager(allocator, PAGE)
+    for req, scale in ((a, last), (b, 4)):
+        blocks.start(req)
+        _fill_history(blocks, req, scale)
+    reused = 0
+    for layer in range(CFG.depth):
+        pages = blocks.begin_layer([b, a], layer)  # B grows first: it can only use what A freed
+        if layer:
+            b_rows = slice(0, b.rows * b.schedule.tokens[4])
+            reused += len(set((pages.write_slots[b_rows] // PAGE).ravel().tolist()) & freed_by_a)
+        held_by_a = _pages_of(a, layer)
+        blocks.end_layer([b, a], layer)
+        freed_by_a = held_by_a - _pages_of(a, layer)
+    assert reused > 0
+    assert allocator.peak_used <= need
+
+
+def _pages_of(req: Request, layer: int) -> set[int]:
+    table = req.tables.table(layer)
+    return set(table[table != 0].tolist())
+
+
+def _fill_history(blocks: BlockManager, req: Request, target: int) -> None:
+    """Run a request alone up to the start of scale `target`."""
+    while req.scale < target:
+        for layer in range(CFG.depth):
+            blocks.begin_layer([req], layer)
+            blocks.end_layer([req], layer)
+        req.scale += 1
+
+
+def test_admission_keeps_every_future_step_within_the_pool() -> None:
+    one = make_request("x").held.max()
+    config = SchedulerConfig(num_pages=int(one * 1.5), max_num_seqs=16, max_num_batched_tokens=10**9)
+    scheduler = Scheduler(config)
+    allocator = BlockAllocator(config.num_pages + 1)
+    blocks = BlockManager(allocator, PAGE)
+    for i in range(6):
+        scheduler.add(make_request(f"r{i}", arrival=float(i)))
+    most_in_flight, done = 0, 0
+    for _ in range(100):
+        reqs = scheduler.schedule()
+        if not reqs:
+            break
+        most_in_flight = max(most_in_flight, len(reqs))
+        for req in reqs:
+            if req.tables is None:
+                blocks.start(req)
+        run_step(blocks, reqs)
+        assert allocator.peak_used <= config.num_pages
+        for req in [r for r in reqs if r.scale == r.schedule.num_scales]:
+            blocks.release(req)
+            scheduler.finish(req)
+            done += 1
+    assert done == 6 and allocator.num_used == 0
+    assert most_in_flight >= 2  # staggered: a newcomer joins while others run
+
+
+def test_priority_then_arrival_order_and_strict_fcfs() -> None:
+    scheduler = Scheduler(SchedulerConfig(num_pages=10**9, max_num_seqs=2, max_num_batched_tokens=10**9))
+    scheduler.add(make_request("late-urgent", priority=-1, arrival=3.0))
+    scheduler.add(make_request("first", arrival=1.0))
+    scheduler.add(make_request("second", arrival=2.0))
+    assert [r.request_id for r in scheduler.schedule()] == ["late-urgent", "first"]
+
+
+def test_token_budget_limits_admission_and_rejects_oversized() -> None:
+    req = make_request("a")
+    peak_tokens = int(req.remaining_tokens.max())
+    scheduler = Scheduler(SchedulerConfig(num_pages=10**9, max_num_seqs=8, max_num_batched_tokens=peak_tokens))
+    scheduler.add(req)
+    scheduler.add(make_request("b", arrival=1.0))
+    assert [r.request_id for r in scheduler.schedule()] == ["a"]  # b's last scale would coincide with a's
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Scheduler(SchedulerConfig(10**9, 8, peak_tokens - 1)).add(make_request("c"))
+
+
+def test_preemption_is_a_counted_fallback_and_recomputes_the_same_image(monkeypatch) -> None:
+    engine = Engine("tiny", dtype="float64", num_pages=40000, page_size=PAGE)
+    params = SamplingParams(size="256x256", seed=9)
+    expected = np.asarray(engine.generate("p", params, use_tqdm=False)[0].image)
+    engine.add_request("p", params, request_id="victim")
+    engine.step()
+    engine.step()
+    calls = iter([False])
+    real = engine.block_manager.can_run_step
+    monkeypatch.setattr(engine.block_manager, "can_run_step", lambda reqs: next(calls, True) and real(reqs))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[0].metrics.num_preemptions == 1
+    np.testing.assert_array_equal(np.asarray(outputs[0].image), expected)
+    assert engine.cache_stats()["used_pages"] == 0
