@@ -24,7 +24,7 @@ from varserve.scheduler.request import Request
 logger = logging.getLogger("varserve")
 
 DEFAULT_PAGE_SIZE = 32
-CPU_KV_BYTES = 2 * 2**30  # pool size on CPU when num_pages is not given
+CPU_KV_BYTES = 512 * 2**20  # pool size on CPU when num_pages is not given
 ACTIVATION_MARGIN = 1.2  # head room over the profiled peak step
 
 
@@ -72,15 +72,12 @@ class ModelRunner:
 
     @torch.no_grad()
     def _profile_step(self) -> int:
-        """Peak extra memory of one step of max_num_batched_tokens tokens (dense attention over the
-        step's own tokens, the layout of a step's activations), in bytes."""
-        from varserve.models.reference import DenseKV
-
+        """Peak extra memory of one step of max_num_batched_tokens tokens, in bytes: rows at the 64x64
+        scale attending over history as long as the 1024x1024 schedule's (K/V gathered densely)."""
         rows = max(1, self.max_num_batched_tokens // 4096)
         side = int((self.max_num_batched_tokens // rows) ** 0.5)
         text = self.model.encode_text(torch.randn(rows * 8, self.model_config.text_dim, device=self.device), [8] * rows)
-        kv = DenseKV(rows, self.model_config.depth)
-        kv.begin([side * side] * rows)
+        kv = _ProfileKV(rows, history_factor=10521 / 4096)
         batch = make_batch(self.model, text, [(0, (side, side), (side, side))] * rows)
         x = torch.randn(rows * side * side, self.model_config.width, device=self.device)
         torch.cuda.synchronize(self.device)
@@ -120,7 +117,7 @@ class ModelRunner:
         states = [self.states[r.request_id] for r in reqs]
         rows = [(r.scale, r.schedule.scales[r.scale], r.schedule.rope_grid) for r in reqs for _ in range(r.rows)]
         batch = make_batch(self.model, TextMemory.concat([s.text for s in states]), rows)
-        kv = PagedKV(self.pool, blocks, reqs, batch.cu_seqlens, batch.max_seqlen, self.backend)
+        kv = PagedKV(self.pool, blocks, reqs, self.backend)
         logits = self.model(torch.cat([s.x for s in states]), batch, kv)
         start, finished = 0, []
         for req, state in zip(reqs, states):
@@ -144,6 +141,23 @@ class ModelRunner:
                 pixels = self.vae.decode(torch.cat([self.states[r.request_id].summed for r in group])).cpu().numpy()
             images.update({r.request_id: pixels[i] for i, r in enumerate(group)})
         return images
+
+
+class _ProfileKV:
+    """Attention over the step's own K/V repeated to history length, then discarded."""
+
+    def __init__(self, rows: int, history_factor: float):
+        self.rows, self.factor = rows, history_factor
+
+    def wants_raw_query(self, layer: int) -> bool:
+        return False
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
+        q, k, v = (x.view(self.rows, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        reps = max(1, round(self.factor))
+        k, v = k.repeat(1, 1, reps, 1), v.repeat(1, 1, reps, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+        return out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1])
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:

@@ -25,9 +25,8 @@ class LayerPages:
     """What the attention of one layer needs, for all rows of a step in packed order."""
 
     block_table: np.ndarray  # [R, H, max_pages] int32
-    seqlens: np.ndarray  # [R, H] int32
-    write_slots: np.ndarray  # [T, H] int64 slots of the current scale's tokens
-    history: np.ndarray  # [R, H] int32 tokens held before this scale
+    seqlens: np.ndarray  # [R, H] int32 tokens held during attention (history + current scale)
+    history: np.ndarray  # [R, H] int32 tokens held before this scale: the current scale goes after them
 
 
 class BlockManager:
@@ -53,7 +52,7 @@ class BlockManager:
         return need <= self.allocator.num_free + sum(self.pages_held(r) for r in reqs)
 
     def begin_layer(self, reqs: list[Request], layer: int) -> LayerPages:
-        tables, lengths, slots, history = [], [], [], []
+        tables, lengths, history = [], [], []
         for req in reqs:
             t = req.tables
             before = t.lengths(layer).copy()
@@ -61,11 +60,10 @@ class BlockManager:
             if not t.grow(layer, target, self.allocator):
                 raise OutOfPagesError(f"request {req.request_id}: no pages for layer {layer} at scale {req.scale}")
             req.peak_pages = max(req.peak_pages, t.num_pages())
-            slots.append(t.slots(layer, before, target - before).reshape(-1, before.shape[1]))
             tables.append(t.table(layer))
             lengths.append(t.lengths(layer))
             history.append(before)
-        return LayerPages(_pad_cat(tables), np.concatenate(lengths), np.concatenate(slots), np.concatenate(history))
+        return LayerPages(_pad_cat(tables), np.concatenate(lengths), np.concatenate(history))
 
     def end_layer(self, reqs: list[Request], layer: int) -> None:
         for req in reqs:

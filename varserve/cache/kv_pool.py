@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from varserve.attention import paged_attention, write_kv
+from varserve.attention import paged_attention, slot_mapping, write_kv
 from varserve.cache.block_manager import BlockManager
 from varserve.scheduler.request import Request
 
@@ -30,19 +30,23 @@ class PagedKV:
     every request (history + current scale), the current K/V are written into their slots, the rows
     attend through their block tables, then the tables are cut to what the policy keeps."""
 
-    def __init__(self, pool: KVPool, blocks: BlockManager, reqs: list[Request], cu_seqlens: Tensor,
-                 max_seqlen: int, backend: str | None):
-        self.pool, self.blocks, self.reqs = pool, blocks, reqs
-        self.cu_seqlens, self.max_seqlen, self.backend = cu_seqlens, max_seqlen, backend
+    def __init__(self, pool: KVPool, blocks: BlockManager, reqs: list[Request], backend: str | None):
+        self.pool, self.blocks, self.reqs, self.backend = pool, blocks, reqs, backend
+        row_lengths = [r.schedule.tokens[r.scale] for r in reqs for _ in range(r.rows)]
+        self.max_seqlen = max(row_lengths)
+        # Host copies: the attention backends plan on the host, and host metadata spares a device sync.
+        self.cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(row_lengths)]), dtype=torch.int32)
 
     def wants_raw_query(self, layer: int) -> bool:
         return False
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
         pages = self.blocks.begin_layer(self.reqs, layer)
-        write_kv(self.pool.k_pages, self.pool.v_pages, k, v, _to(pages.write_slots, q.device))
+        table = _to(pages.block_table, q.device)
+        slots = slot_mapping(table, torch.from_numpy(pages.history), self.cu_seqlens, q.shape[0], self.pool.page_size)
+        write_kv(self.pool.k_pages, self.pool.v_pages, k, v, slots)
         out = paged_attention(
-            q, self.pool.k_pages, self.pool.v_pages, _to(pages.block_table, q.device), _to(pages.seqlens, q.device),
+            q, self.pool.k_pages, self.pool.v_pages, table, torch.from_numpy(pages.seqlens),
             self.cu_seqlens, self.max_seqlen, int(pages.seqlens.max()), 1.0, backend=self.backend,
         )
         self.blocks.end_layer(self.reqs, layer)

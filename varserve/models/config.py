@@ -77,11 +77,11 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # Small configs of the same architecture that run fast on a CPU (random or shipped weights).
     "tiny": ModelConfig(
-        name="tiny", depth=4, width=128, num_heads=4, d_vae=16, text_dim=64, text_maxlen=64,
+        name="tiny", depth=4, width=128, num_heads=4, d_vae=16, text_dim=64, text_maxlen=128,
         block_chunks=2, pool_head_dim=16, vae="tiny", text_encoder="tiny",
     ),
     "tiny-deep": ModelConfig(
-        name="tiny-deep", depth=8, width=128, num_heads=4, d_vae=16, text_dim=64, text_maxlen=64,
+        name="tiny-deep", depth=8, width=128, num_heads=4, d_vae=16, text_dim=64, text_maxlen=128,
         block_chunks=4, pool_head_dim=16, vae="tiny", text_encoder="tiny",
     ),
 }

@@ -42,7 +42,7 @@ class TextEncoderConfig:
 
 TEXT_ENCODER_PRESETS: dict[str, TextEncoderConfig] = {
     "flan-t5-xl": TextEncoderConfig(name="flan-t5-xl", d_model=2048, max_length=512, hf_repo="google/flan-t5-xl"),
-    "tiny": TextEncoderConfig(name="tiny", d_model=64, max_length=64),
+    "tiny": TextEncoderConfig(name="tiny", d_model=64, max_length=128),
 }
 
 

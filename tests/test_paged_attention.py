@@ -1,0 +1,258 @@
+"""Paged attention (every backend) against dense float64 attention computed here, on ragged batches."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from varserve.attention import (
+    available_backends,
+    paged_attention,
+    select_backend,
+    slot_mapping,
+    varlen_attention,
+    write_kv,
+)
+from varserve.attention import paged
+from varserve.attention.paged import _log_once
+from varserve.cache.allocator import BlockAllocator
+from varserve.cache.block_table import BlockTables, pages_for
+
+ROWS = 2  # rows per request: the cond and uncond halves of CFG
+
+
+@dataclass
+class Request:
+    tables: BlockTables
+    q: torch.Tensor  # [ROWS * lq, H, d]
+    k: torch.Tensor  # [ROWS, max kv length, H, d]: dense copies of what was written to the pools
+    v: torch.Tensor
+    lens: np.ndarray  # [ROWS, H] kv length of each (row, head)
+
+
+class Pool:
+    """Pools poisoned with NaN, pages handed out in shuffled order, and the requests written into them."""
+
+    def __init__(self, num_pages: int, page_size: int, heads: int, dim: int, dtype: torch.dtype,
+                 device: str = "cpu", seed: int = 0) -> None:
+        self.alloc = BlockAllocator(num_pages)
+        self.alloc.free(np.random.default_rng(seed).permutation(self.alloc.allocate(num_pages - 1)))
+        self.k_pages, self.v_pages = (torch.full((num_pages, page_size, dim), math.nan, dtype=dtype, device=device)
+                                      for _ in range(2))
+        self.page_size, self.heads, self.dim, self.dtype, self.device = page_size, heads, dim, dtype, device
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def add(self, lq: int, lens: np.ndarray) -> Request:
+        lens = np.broadcast_to(np.asarray(lens, dtype=np.int32), (ROWS, self.heads))
+        tables = BlockTables(ROWS, 1, self.heads, int(pages_for(lens, self.page_size).max()), self.page_size)
+        assert tables.grow(0, lens, self.alloc)
+        q = self._randn(ROWS * lq, self.heads, self.dim)
+        k, v = (self._randn(ROWS, int(lens.max()), self.heads, self.dim) for _ in range(2))
+        keep = torch.from_numpy(np.arange(lens.max())[None, :, None] < lens[:, None, :])
+        slots = torch.from_numpy(tables.slots(0, 0, lens)).to(self.device)
+        write_kv(self.k_pages, self.v_pages, k[keep][:, None], v[keep][:, None], slots[:, None])
+        return Request(tables, q, k, v, lens)
+
+    def _randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen, dtype=torch.float64).to(self.dtype).to(self.device)
+
+
+def batch(pool: Pool, requests: list[Request]) -> dict:
+    """paged_attention arguments for the requests' rows, in order."""
+    width = max(r.tables.max_pages for r in requests)
+    tables = np.concatenate([np.pad(r.tables.table(0), ((0, 0), (0, 0), (0, width - r.tables.max_pages)))
+                             for r in requests])
+    lens = np.concatenate([r.lens for r in requests])
+    lq = np.repeat([len(r.q) // ROWS for r in requests], ROWS)
+    return dict(q=torch.cat([r.q for r in requests]), k_pages=pool.k_pages, v_pages=pool.v_pages,
+                block_table=torch.from_numpy(tables).to(pool.device), seqlens_k=torch.from_numpy(lens),
+                cu_seqlens_q=torch.from_numpy(np.concatenate([[0], np.cumsum(lq)]).astype(np.int32)),
+                max_seqlen_q=int(lq.max()), max_seqlen_k=int(lens.max()), softmax_scale=pool.dim ** -0.5)
+
+
+def dense_attention(requests: list[Request], scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v in float64 per (row, head), from the dense copies."""
+    out = []
+    for r in requests:
+        q = r.q.double().view(ROWS, -1, *r.q.shape[1:])
+        for row in range(ROWS):
+            heads = []
+            for h in range(r.q.shape[1]):
+                k, v = (x[row, : r.lens[row, h], h].double() for x in (r.k, r.v))
+                heads.append(torch.softmax(q[row, :, h] @ k.T * scale, dim=-1) @ v)
+            out.append(torch.stack(heads, dim=1))
+    return torch.cat(out)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}
+
+
+def ragged_requests(pool: Pool, rng: np.random.Generator) -> list[Request]:
+    """Rows at scales of 1, 4, 16, 36 queries; uniform and per-head KV lengths; equal shapes not adjacent."""
+    heads = pool.heads
+    return [pool.add(16, 21), pool.add(1, 1), pool.add(16, 21), pool.add(36, rng.integers(36, 58, (ROWS, heads))),
+            pool.add(4, rng.integers(4, 6, (ROWS, heads))), pool.add(36, 50), pool.add(16, [[21] * heads, [9] * heads])]
+
+
+CPU_BACKENDS = ["reference", "sdpa_gather"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("page_size", [1, 5, 16])
+def test_paged_equals_dense_then_pages_are_reused(backend: str, dtype: torch.dtype, page_size: int) -> None:
+    pool = Pool(4000, page_size, heads=4, dim=32, dtype=dtype)
+    requests = ragged_requests(pool, np.random.default_rng(page_size))
+    out = paged_attention(**batch(pool, requests), backend=backend)
+    assert rel_error(out, dense_attention(requests, 32 ** -0.5)) < TOLERANCE[dtype]
+
+    freed = set(requests[0].tables.table(0).ravel()) - {0}
+    requests[0].tables.release(pool.alloc)
+    reused = pool.add(36, 57)
+    assert freed & set(reused.tables.table(0).ravel()), "the new request should land on freed pages"
+    requests = [reused] + requests[1:]
+    out = paged_attention(**batch(pool, requests), backend=backend)
+    assert rel_error(out, dense_attention(requests, 32 ** -0.5)) < TOLERANCE[dtype]
+
+
+def test_write_kv_reads_back_through_the_tables() -> None:
+    pool = Pool(300, 4, heads=3, dim=8, dtype=torch.float64)
+    request = pool.add(2, [[7, 3, 12], [1, 9, 4]])
+    table = torch.tensor(request.tables.table(0)).long()
+    for row, h in np.ndindex(ROWS, 3):
+        t = torch.arange(request.lens[row, h])
+        slots = table[row, h, t // 4] * 4 + t % 4
+        for pages, dense in ((pool.k_pages, request.k), (pool.v_pages, request.v)):
+            torch.testing.assert_close(pages.view(-1, 8)[slots], dense[row, t, h], rtol=0, atol=0)
+
+
+def test_slot_mapping_matches_block_tables() -> None:
+    pool = Pool(500, 4, heads=3, dim=8, dtype=torch.float64)
+    requests = [pool.add(5, [[9, 12, 20], [5, 7, 6]]), pool.add(3, [[4, 8, 3], [6, 3, 5]])]
+    args = batch(pool, requests)
+    start = np.concatenate([r.lens for r in requests]) - np.repeat([5, 3], ROWS)[:, None]
+    expected = np.concatenate([r.tables.slots(0, start[2 * i: 2 * i + 2], n)
+                               for i, (r, n) in enumerate(zip(requests, (5, 3)))]).reshape(-1, 3)
+    got = slot_mapping(args["block_table"], torch.from_numpy(start), args["cu_seqlens_q"], 16, 4)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_varlen_attention_equals_dense() -> None:
+    gen = torch.Generator().manual_seed(0)
+    lq, lk, heads, dim = [3, 1, 7], [5, 2, 4], 2, 16
+    q, k, v = (torch.randn(sum(n), heads, dim, generator=gen, dtype=torch.float64) for n in (lq, lk, lk))
+    cu_q, cu_k = (torch.tensor(np.concatenate([[0], np.cumsum(n)]), dtype=torch.int32) for n in (lq, lk))
+    out = varlen_attention(q, k, v, cu_q, cu_k, max(lq), max(lk), 0.3)
+    for b in range(3):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        scores = torch.einsum("qhd,khd->hqk", q[qs], k[ks]) * 0.3
+        expected = torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), v[ks])
+        torch.testing.assert_close(out[qs], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_select_backend(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("VARSERVE_ATTENTION_BACKEND", raising=False)
+    _log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="varserve"):
+        assert select_backend("cpu") == select_backend("cpu") == "reference"
+    assert sum("paged attention backend: reference" in m for m in caplog.messages) == 1
+    monkeypatch.setenv("VARSERVE_ATTENTION_BACKEND", "sdpa_gather")
+    assert select_backend("cpu") == "sdpa_gather" and select_backend("cpu", "reference") == "reference"
+    for name in ("nope", "varlen_fa2"):
+        with pytest.raises(ValueError, match="available: .*reference"):
+            select_backend("cpu", name)
+
+
+def test_varlen_fa2_gather_with_cpu_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The varlen_fa2 backend's per-row K/V gather, torch's CUDA kernel replaced by the padded CPU path."""
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale):
+        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+
+    monkeypatch.setattr(paged, "varlen_attn", varlen_attn)
+    pool = Pool(2000, 5, heads=3, dim=16, dtype=torch.float64)
+    requests = [pool.add(16, 21), pool.add(4, 5), pool.add(16, [[9], [21]]), pool.add(1, 1)]
+    out = paged.BACKENDS["varlen_fa2"].fn(**batch(pool, requests))
+    assert rel_error(out, dense_attention(requests, 16 ** -0.5)) < 1e-12
+    with pytest.raises(ValueError, match="same KV length"):
+        paged.BACKENDS["varlen_fa2"].fn(**batch(pool, [pool.add(4, [[5, 4, 5], [5, 5, 5]])]))
+
+
+def test_flash_attn_layout_with_cpu_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flash_attn backend's (head, row) sequence layout, flash_attn_varlen_func replaced by the reference."""
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, block_table):
+        assert not causal and k.shape[2] == 1
+        lens = torch.diff(cu_k)[:, None]
+        return paged.BACKENDS["reference"].fn(q, k[:, :, 0], v[:, :, 0], block_table[:, None], lens, cu_q, max_q,
+                                              max_k, softmax_scale)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
+    pool = Pool(300, 256, heads=3, dim=16, dtype=torch.float64)
+    requests = [pool.add(16, 300), pool.add(4, [[5, 3, 600], [1, 2, 3]])]
+    out = paged.BACKENDS["flash_attn"].fn(**batch(pool, requests))
+    assert rel_error(out, dense_attention(requests, 16 ** -0.5)) < 1e-12
+    with pytest.raises(ValueError, match="256"):
+        paged.BACKENDS["flash_attn"].fn(**batch(Pool(50, 16, 3, 16, torch.float64), requests))
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"),
+                    reason="checks the Triton kernel on CPU only under TRITON_INTERPRET=1 with triton installed")
+@pytest.mark.parametrize("page_size", [4, 16, 64])
+def test_triton_kernel_in_interpreter(page_size: int) -> None:
+    pool = Pool(4000, page_size, heads=2, dim=32, dtype=torch.float32)
+    requests = ragged_requests(pool, np.random.default_rng(page_size))
+    out = paged_attention(**batch(pool, requests), backend="triton")
+    assert rel_error(out, dense_attention(requests, 32 ** -0.5)) < 1e-5
+
+
+# --- GPU: every CUDA backend on bf16 at Infinity head sizes ------------------------------------------------
+
+def gpu_requests(pool: Pool, rng: np.random.Generator, uniform: bool) -> list[Request]:
+    """Scales of 1..256 queries, KV up to the full history of 521 tokens; per-head lengths unless uniform."""
+    def lens(lq: int, full: int) -> np.ndarray:
+        return np.full((ROWS, 1), full) if uniform else rng.integers(lq, full + 1, (ROWS, pool.heads))
+    return [pool.add(lq, lens(lq, full)) for lq, full in ((256, 521), (1, 1), (64, 121), (256, 521), (144, 265),
+                                                          (4, 5), (36, 57), (16, 21))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa_gather", "triton", "varlen_fa2"])
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_cuda_backends_match_dense(backend: str, page_size: int, dim: int) -> None:
+    pool = Pool(8000, page_size, heads=16, dim=dim, dtype=torch.bfloat16, device="cuda")
+    rng = np.random.default_rng(page_size)
+    for uniform in (True, False):
+        requests = gpu_requests(pool, rng, uniform)
+        args = batch(pool, requests)
+        if backend == "varlen_fa2" and not uniform:
+            with pytest.raises(ValueError, match="same KV length"):
+                paged_attention(**args, backend=backend)
+            continue
+        out = paged_attention(**args, backend=backend)
+        assert rel_error(out, dense_attention(requests, dim ** -0.5)) < TOLERANCE[torch.bfloat16]
+        for r in requests:
+            r.tables.release(pool.alloc)
+
+
+@pytest.mark.gpu
+def test_cuda_varlen_attention_bf16() -> None:
+    gen = torch.Generator().manual_seed(0)
+    lq, lk = [256, 1, 64], [77, 12, 512]
+    q, k, v = (torch.randn(sum(n), 16, 128, generator=gen, dtype=torch.float64) for n in (lq, lk, lk))
+    cu_q, cu_k = (torch.tensor(np.concatenate([[0], np.cumsum(n)]), dtype=torch.int32) for n in (lq, lk))
+    expected = varlen_attention(q, k, v, cu_q, cu_k, max(lq), max(lk), 128 ** -0.5)
+    bf16 = [x.to("cuda", torch.bfloat16) for x in (q, k, v)]
+    out = varlen_attention(*bf16, cu_q.cuda(), cu_k.cuda(), max(lq), max(lk), 128 ** -0.5)
+    assert rel_error(out.cpu(), expected) < TOLERANCE[torch.bfloat16]

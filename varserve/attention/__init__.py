@@ -1,0 +1,25 @@
+"""Attention for varserve: paged self-attention (with backends) and varlen cross-attention."""
+
+from varserve.attention.paged import (
+    BACKENDS,
+    TritonTiles,
+    available_backends,
+    paged_attention,
+    paged_attention_triton,
+    select_backend,
+    slot_mapping,
+    write_kv,
+)
+from varserve.attention.varlen import varlen_attention
+
+__all__ = [
+    "BACKENDS",
+    "TritonTiles",
+    "available_backends",
+    "paged_attention",
+    "paged_attention_triton",
+    "select_backend",
+    "slot_mapping",
+    "varlen_attention",
+    "write_kv",
+]

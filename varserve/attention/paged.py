@@ -1,0 +1,355 @@
+"""Paged attention over head-granular pages (flash_attn_varlen_func-shaped), with a registry of backends.
+
+Pools `k_pages`, `v_pages` are `[num_pages, page_size, d]`; slot = page * page_size + offset. Attention is
+non-causal: every query of row b sees every valid key of (row b, head h).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU machines: the triton backend is simply unavailable
+    triton = None
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.10
+    varlen_attn = None
+
+logger = logging.getLogger("varserve")
+ENV_BACKEND = "VARSERVE_ATTENTION_BACKEND"
+DEFAULT_BACKENDS = {"cpu": "reference", "cuda": "sdpa_gather"}
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Backend:
+    fn: Callable[..., Tensor]  # same arguments as paged_attention, without `backend`
+    available: Callable[[torch.device], bool]
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def _backend(name: str, available: Callable[[torch.device], bool] = lambda device: True):
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        BACKENDS[name] = Backend(fn, available)
+        return fn
+
+    return register
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [name for name, backend in BACKENDS.items() if backend.available(device)]
+
+
+def select_backend(device: torch.device | str, name: str | None = None) -> str:
+    """`name`, else $VARSERVE_ATTENTION_BACKEND, else the device's default; ValueError if unavailable."""
+    device = torch.device(device)
+    name = name or os.environ.get(ENV_BACKEND) or DEFAULT_BACKENDS.get(device.type, "reference")
+    if name not in BACKENDS or not BACKENDS[name].available(device):
+        raise ValueError(f"attention backend {name!r} is not available on {device}; "
+                         f"available: {available_backends(device)}")
+    _log_once(f"paged attention backend: {name} ({device.type})")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logger.info(message)
+
+
+def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
+                    cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                    backend: str | None = None) -> Tensor:
+    """Attention of packed queries `q [total_q, H, d]` (row b owns q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]) to
+    the keys of `block_table [B, H, max_pages]` (int32, one layer) with `seqlens_k [B, H]` valid tokens each.
+    Returns `[total_q, H, d]`. The gathering backends plan on the host: passing `seqlens_k` and
+    `cu_seqlens_q` as CPU tensors spares them a device sync (triton copies them to the device instead)."""
+    fn = BACKENDS[select_backend(q.device, backend)].fn
+    return fn(q, k_pages, v_pages, block_table, seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale)
+
+
+def write_kv(k_pages: Tensor, v_pages: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+    """Store `k, v [T, H, d]` at `slot_mapping [T, H]` (int64 flat slots): one index_copy_ per pool."""
+    slots = _upload(slot_mapping, k_pages.device, torch.int64).reshape(-1)
+    for pages, x in ((k_pages, k), (v_pages, v)):
+        _flat(pages).index_copy_(0, slots, x.reshape(-1, x.shape[-1]).to(pages.dtype))
+
+
+def slot_mapping(block_table: Tensor, start: Tensor, cu_seqlens_q: Tensor, total_q: int, page_size: int) -> Tensor:
+    """`[total_q, H]` int64 slots for `write_kv` of packed new tokens, computed on the table's device (no
+    host work per token): token i of row b goes to position start[b, h] + i of (row b, head h)."""
+    cu = _upload(cu_seqlens_q, block_table.device, torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), torch.diff(cu), output_size=total_q)
+    position = torch.arange(total_q, device=cu.device) - cu[rows]
+    tokens = _upload(start, cu.device, torch.int64)[rows] + position[:, None]
+    heads = torch.arange(block_table.shape[1], device=cu.device)
+    return block_table[rows[:, None], heads, tokens // page_size].long() * page_size + tokens % page_size
+
+
+def _flat(pages: Tensor) -> Tensor:
+    """`[num_pages * page_size, d]` view of a pool (a view, so writes land in the pool)."""
+    return pages.view(-1, pages.shape[-1])
+
+
+def _kv_slots(tables: Tensor, length: int, page_size: int) -> Tensor:
+    """int64 slots `[..., length]` of the first `length` tokens through page tables `[..., pages]`."""
+    t = torch.arange(length, device=tables.device)
+    return tables[..., t // page_size].long() * page_size + t % page_size
+
+
+def _upload(x: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """Small host metadata to `device` without the stream sync of a blocking copy (no-op if already there)."""
+    return torch.as_tensor(x).to(device, dtype, non_blocking=True)
+
+
+def _host_plan(cu_seqlens_q: Tensor, seqlens_k: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    return cu_seqlens_q.cpu().numpy().astype(np.int64), seqlens_k.cpu().numpy().astype(np.int64)
+
+
+# --- reference: the CPU oracle ------------------------------------------------------------------------------
+
+@_backend("reference")
+def _reference(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
+               cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float) -> Tensor:
+    """Per (row, head): gather exactly the valid keys, plain softmax attention in q's dtype."""
+    cu, lens = _host_plan(cu_seqlens_q, seqlens_k)
+    out = torch.empty_like(q)
+    for b, h in np.ndindex(*lens.shape):
+        slots = _kv_slots(block_table[b, h], int(lens[b, h]), k_pages.shape[1])
+        k, v = (_flat(pages)[slots].to(q.dtype) for pages in (k_pages, v_pages))
+        scores = q[cu[b]:cu[b + 1], h] @ k.T * softmax_scale
+        out[cu[b]:cu[b + 1], h] = torch.softmax(scores, dim=-1) @ v
+    return out
+
+
+# --- sdpa_gather: dense SDPA per group of rows over K/V gathered from pages ---------------------------------
+
+@_backend("sdpa_gather")
+def _sdpa_gather(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
+                 cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float) -> Tensor:
+    """Rows with the same q length and the same k length on every head form one dense SDPA call (cuDNN on
+    Hopper). Rows whose heads differ in k length (HeatKV) pad to their longest head under a key mask."""
+    cu, lens = _host_plan(cu_seqlens_q, seqlens_k)
+    parts = [_sdpa_group(q, k_pages, v_pages, block_table, cu, lens, rows, softmax_scale)
+             for rows in _group_rows(cu, lens)]
+    if len(parts) == 1 and isinstance(parts[0][0], slice) and len(parts[0][1]) == len(q):
+        return parts[0][1]
+    out = torch.empty_like(q)
+    for tokens, part in parts:
+        out[tokens] = part
+    return out
+
+
+def _group_rows(cu: np.ndarray, lens: np.ndarray) -> list[np.ndarray]:
+    """Rows (with queries) grouped by (q length, longest head's k length, all heads equal?)."""
+    live = np.flatnonzero(np.diff(cu) > 0)
+    if not len(live):
+        return []
+    longest = lens[live].max(1)
+    keys = np.stack([np.diff(cu)[live], longest, (lens[live] == longest[:, None]).all(1)], axis=1)
+    _, group = np.unique(keys, axis=0, return_inverse=True)
+    return [live[group.ravel() == g] for g in range(group.max() + 1)]
+
+
+def _sdpa_group(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, cu: np.ndarray,
+                lens: np.ndarray, rows: np.ndarray, scale: float) -> tuple[slice | Tensor, Tensor]:
+    """(token selector, output `[tokens, H, d]`) of one group of rows."""
+    num_rows, num_heads, d = len(rows), q.shape[1], q.shape[2]
+    lq = int(cu[rows[0] + 1] - cu[rows[0]])
+    tokens = _selector((cu[rows][:, None] + np.arange(lq)).ravel(), q.device)
+    slots = _kv_slots(block_table[_selector(rows, q.device)], int(lens[rows].max()), k_pages.shape[1])
+    slots, mask = _head_mask(slots, lens[rows])
+    # q, k and v all in the [B, L, H, d] memory layout that SDPA usually gets from models
+    k, v = (_flat(pages)[slots.transpose(1, 2)].to(q.dtype).transpose(1, 2) for pages in (k_pages, v_pages))
+    q_rows = q[tokens].view(num_rows, lq, num_heads, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask, scale=scale)
+    return tokens, out.transpose(1, 2).reshape(num_rows * lq, num_heads, d)
+
+
+def _head_mask(slots: Tensor, lens: np.ndarray) -> tuple[Tensor, Tensor | None]:
+    """Key mask `[B, H, 1, Lk]` for rows whose heads differ in length (None when all are full). Masked
+    positions are pointed at the head's first token: a slot past the length may hold NaN garbage, and a
+    masked NaN value still poisons the weighted sum (0 * NaN)."""
+    if (lens == slots.shape[-1]).all():
+        return slots, None
+    _log_once("sdpa_gather: rows whose heads differ in KV length take the masked SDPA path")
+    valid = torch.arange(slots.shape[-1], device=slots.device) < _upload(lens, slots.device)[..., None]
+    return torch.where(valid, slots, slots[..., :1]), valid[:, :, None, :]
+
+
+def _selector(index: np.ndarray, device: torch.device) -> slice | Tensor:
+    """Index of a leading dimension: a slice (a view, no copy) when the sorted `index` is a contiguous range."""
+    if len(index) and index[-1] - index[0] == len(index) - 1:
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return _upload(index, device)
+
+
+# --- varlen_fa2: torch's FlashAttention-2 varlen over K/V gathered contiguously per row ---------------------
+
+@_backend("varlen_fa2", lambda device: device.type == "cuda" and varlen_attn is not None)
+def _varlen_fa2(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
+                cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float) -> Tensor:
+    """torch.nn.attention.varlen.varlen_attn over `[total_k, H, d]` K/V gathered per row; needs every head
+    of a row to have the same k length (ValueError otherwise)."""
+    lens = seqlens_k.cpu().numpy().astype(np.int64)
+    if (lens != lens[:, :1]).any():
+        raise ValueError("varlen_fa2 needs the same KV length on every head of a row: use sdpa_gather or triton")
+    slots = _row_major_slots(block_table, lens[:, 0], k_pages.shape[1])
+    k, v = (_flat(pages)[slots].to(q.dtype) for pages in (k_pages, v_pages))
+    cu_k = _upload(np.concatenate([[0], np.cumsum(lens[:, 0])]), q.device, torch.int32)
+    cu_q = _upload(cu_seqlens_q, q.device, torch.int32)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_seqlen_q, int(lens.max()), scale=softmax_scale)
+
+
+def _row_major_slots(block_table: Tensor, lens: np.ndarray, page_size: int) -> Tensor:
+    """Slots `[sum(lens), H]` of rows whose heads all hold `lens[b]` tokens, packed row after row."""
+    longest = int(lens.max())
+    slots = _kv_slots(block_table, longest, page_size).transpose(1, 2).reshape(-1, block_table.shape[1])
+    valid = np.arange(len(lens))[:, None] * longest + np.arange(longest)
+    return slots[_upload(valid[np.arange(longest) < lens[:, None]], slots.device)]
+
+
+# --- flash_attn: flash_attn_varlen_func with block_table ----------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@_backend("flash_attn", lambda device: device.type == "cuda" and _installed("flash_attn"))
+def _flash_attn(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
+                cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float) -> Tensor:
+    """UNVERIFIED: flash_attn is not installed on any machine this was written or tested on.
+    Head-granular pages become B*H sequences with one KV head, ordered (head, row); flash-attn 2 needs
+    page_size % 256 == 0."""
+    from flash_attn import flash_attn_varlen_func
+
+    if k_pages.shape[1] % 256:
+        raise ValueError(f"flash_attn paged KV needs page_size % 256 == 0, got {k_pages.shape[1]}")
+    (num_rows, num_heads, max_pages), (total_q, _, d) = block_table.shape, q.shape
+    cu_q = _cumsum0(torch.diff(_upload(cu_seqlens_q, q.device)).repeat(num_heads))
+    cu_k = _cumsum0(_upload(seqlens_k, q.device).t().reshape(-1))
+    out = flash_attn_varlen_func(
+        q.transpose(0, 1).reshape(num_heads * total_q, 1, d), k_pages[:, :, None], v_pages[:, :, None],
+        cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale=softmax_scale, causal=False,
+        block_table=block_table.transpose(0, 1).reshape(num_heads * num_rows, max_pages).contiguous())
+    return out.view(num_heads, total_q, d).transpose(0, 1).contiguous()
+
+
+def _cumsum0(lengths: Tensor) -> Tensor:
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+# --- triton: a paged flash-attention kernel of our own ------------------------------------------------------
+
+@dataclass(frozen=True)
+class TritonTiles:
+    """Tile sizes of the Triton kernel, to tune on the target GPU. block_m shrinks to the longest q of a call
+    (at least 16); block_n may span several pages or part of one (any page size works)."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+TRITON_TILES = TritonTiles()
+
+
+def _triton_available(device: torch.device) -> bool:
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@_backend("triton", _triton_available)
+def paged_attention_triton(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
+                           cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                           tiles: TritonTiles | None = None) -> Tensor:
+    """paged_attention on Triton: one program per (query block, head, row), online softmax in fp32 over that
+    (row, head)'s pages. `tiles` defaults to the module's TRITON_TILES; max_seqlen_k is not needed."""
+    tiles = tiles or TRITON_TILES
+    num_rows, num_heads, max_pages = block_table.shape
+    d = q.shape[-1]
+    if d not in (16, 32, 64, 128, 256) or q.stride(-1) != 1 or k_pages.stride(-1) != 1 or v_pages.stride(-1) != 1:
+        raise ValueError(f"triton backend needs head_dim in (16, 32, 64, 128, 256) and unit last strides (d={d})")
+    block_m = max(16, min(tiles.block_m, triton.next_power_of_2(max(max_seqlen_q, 1))))
+    table, lens, cu = (_upload(x, q.device, torch.int32).contiguous() for x in (block_table, seqlens_k, cu_seqlens_q))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, num_rows)
+    _paged_attention_kernel[grid](
+        q, k_pages, v_pages, out, table, lens, cu, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_pages.stride(0), k_pages.stride(1), v_pages.stride(0), v_pages.stride(1), max_pages,
+        softmax_scale * LOG2E, PAGE=k_pages.shape[1], HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_tile(acc, l_i, m_i, q, K, V, table, start, kv_len, qk_scale, stride_kp, stride_kt, stride_vp,
+                     stride_vt, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     MASKED: tl.constexpr):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        valid = offs_n < kv_len
+        page = tl.load(table + offs_n // PAGE, mask=valid, other=0).to(tl.int64)
+        offset = offs_n % PAGE
+        k = tl.load(K + (page * stride_kp + offset * stride_kt)[:, None] + offs_d[None, :],
+                    mask=valid[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+        if MASKED:  # only the last tile: full tiles skip the per-element select
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        v = tl.load(V + (page * stride_vp + offset * stride_vt)[:, None] + offs_d[None, :],
+                    mask=valid[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return acc, l_i * alpha + tl.sum(p, 1), m_new
+
+    @triton.jit
+    def _paged_attention_kernel(Q, K, V, Out, Table, SeqlensK, CuQ, stride_qt, stride_qh, stride_ot, stride_oh,
+                                stride_kp, stride_kt, stride_vp, stride_vt, max_pages, qk_scale,
+                                PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr):
+        m_block, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        q_start = tl.load(CuQ + b)
+        q_len = tl.load(CuQ + b + 1) - q_start
+        if m_block * BLOCK_M >= q_len:
+            return
+        kv_len = tl.load(SeqlensK + b * tl.num_programs(1) + h)
+        table = Table + (b * tl.num_programs(1) + h).to(tl.int64) * max_pages
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        tokens = (q_start + offs_m).to(tl.int64)[:, None]
+        q_mask = (offs_m < q_len)[:, None]
+        q = tl.load(Q + tokens * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        full_end = kv_len // BLOCK_N * BLOCK_N
+        for start in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, K, V, table, start, kv_len, qk_scale, stride_kp,
+                                         stride_kt, stride_vp, stride_vt, PAGE, HEAD_DIM, BLOCK_N, False)
+        if full_end < kv_len:
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, K, V, table, full_end, kv_len, qk_scale, stride_kp,
+                                         stride_kt, stride_vp, stride_vt, PAGE, HEAD_DIM, BLOCK_N, True)
+        out = acc / l_i[:, None]
+        tl.store(Out + tokens * stride_ot + h * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=q_mask)

@@ -1,0 +1,317 @@
+"""Offline throughput benchmark (like `vllm bench throughput`): the measurement behind `varserve bench`.
+
+`run_benchmark(engine, ...)` drives an engine through `add_request` / `step` and measures wall time,
+throughput (images and scale tokens per second), per-image latency, KV pages and device memory. It returns
+a flat, JSON-ready dict; `format_table` renders it and `write_json` saves it. Every key is described in
+benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from varserve.engine import Engine
+from varserve.models.generation import num_rows
+from varserve.outputs import ImageOutput
+from varserve.params import MAX_SEED, SamplingParams
+
+logger = logging.getLogger("varserve")
+
+BATCHING_MODES = ("continuous", "static")
+RESULTS_DIR = Path("benchmarks") / "results"
+
+# Varied prompts (subjects, styles, lengths), cycled to make `num_prompts` requests.
+BENCH_PROMPTS: tuple[str, ...] = (  # <= 60 bytes each: the tiny models' text encoder takes 63
+    "a red fox sitting in fresh snow at dawn",
+    "isometric floating island with a lighthouse",
+    "portrait of an old fisherman, dramatic light, 85mm",
+    "a bowl of ramen with a soft-boiled egg, steam rising",
+    "neon cyberpunk street market at night in the rain",
+    "watercolor painting of a lavender field",
+    "a retro poster that says 'VISIT MARS'",
+    "macro photo of a dewdrop on a spider web",
+    "an astronaut riding a horse on the moon, oil painting",
+    "a cat asleep on a pile of books in a cozy nook",
+    "aerial view of a river through an autumn forest",
+    "minimalist flat vector logo of a mountain and sun",
+    "a medieval castle on a cliff above a stormy sea",
+    "a glass teapot with blooming tea on a wooden table",
+    "pixel art of a knight fighting a dragon",
+    "a golden retriever puppy in a field of sunflowers",
+)
+
+
+@dataclass(frozen=True)
+class _Job:
+    index: int
+    prompt: str
+    params: SamplingParams
+
+
+def bench_prompts(num_prompts: int) -> list[str]:
+    """The first `num_prompts` of the built-in prompts, cycled (deterministic)."""
+    return [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(num_prompts)]
+
+
+def run_benchmark(
+    engine: Engine, *, num_prompts: int = 64, params: SamplingParams | None = None, batching: str = "continuous",
+    warmup: int = 1, exclude_text_encoder: bool = False, seed: int = 0, command: str | None = None,
+    use_tqdm: bool = True,
+) -> dict:
+    """Generate `num_prompts` images of the built-in prompts and measure them.
+
+    params: sampling parameters of every image (size, cfg, ...); image i gets seed `seed + i`.
+    batching: 'continuous' submits every request at once and lets the engine admit them as pages and
+        tokens allow; 'static' submits waves of `engine.config.max_num_seqs` requests, the next wave only
+        after the previous one has fully finished.
+    warmup: images generated (and discarded) before timing starts.
+    exclude_text_encoder: the text encoder always runs inside the engine and is timed on its own; this
+        only chooses whether the headline throughput (`throughput_time_s`) counts its time.
+    The engine should be idle: the benchmark steps it and consumes every output.
+    Raises ValueError for bad arguments and RuntimeError if any image failed.
+    """
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+    if batching not in BATCHING_MODES:
+        raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    params = params if params is not None else SamplingParams()
+    jobs = [_Job(i, p, _with_seed(params, seed + i)) for i, p in enumerate(bench_prompts(num_prompts))]
+    _warmup(engine, params, warmup, seed)
+
+    device = engine.runner.device
+    engine.allocator.reset_peak()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    wave = len(jobs) if batching == "continuous" else engine.config.max_num_seqs
+    with _timed_text_encoder(engine) as t5_time:
+        start = time.perf_counter()
+        outputs, stats = _drive(engine, jobs, wave, use_tqdm)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+    failed = [o for o in outputs if o.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(outputs)} benchmark images failed; first: {failed[0].error}")
+    return _report(engine, jobs, outputs, stats, elapsed, t5_time[0], batching, warmup, exclude_text_encoder, seed,
+                   command)
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return SamplingParams(**{**params.model_dump(), "seed": seed})  # validated, unlike model_copy
+
+
+def _warmup(engine: Engine, params: SamplingParams, n: int, seed: int) -> None:
+    if n == 0:
+        return
+    t0 = time.perf_counter()
+    prompts = [BENCH_PROMPTS[-1 - i % len(BENCH_PROMPTS)] for i in range(n)]
+    engine.generate(prompts, [_with_seed(params, (seed + 10**9 + i) % MAX_SEED) for i in range(n)], use_tqdm=False)
+    logger.info("warmup: %d image(s) in %.2f s", n, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _timed_text_encoder(engine: Engine) -> Iterator[list[float]]:
+    """Accumulate the seconds spent in the text encoder (device-synchronised) while the block runs."""
+    encoder = engine.runner.text_encoder
+    original = encoder.encode
+    total = [0.0]
+    sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda *a: None)
+
+    def encode(prompts):
+        sync(engine.runner.device)
+        t0 = time.perf_counter()
+        result = original(prompts)
+        sync(engine.runner.device)
+        total[0] += time.perf_counter() - t0
+        return result
+
+    encoder.encode = encode  # instance attribute shadows the method for the benchmark only
+    try:
+        yield total
+    finally:
+        del encoder.encode
+
+
+def _drive(engine: Engine, jobs: list[_Job], wave: int, use_tqdm: bool) -> tuple[list[ImageOutput], dict]:
+    """Submit `jobs` in waves of `wave` (a wave only when the engine is idle) and step until all are done.
+    In flight during a step = requests still running after it + requests that ended in it."""
+    pending, done = list(jobs), {}
+    ids: dict[str, int] = {}
+    max_in_flight = steps = 0
+    bar = tqdm(total=len(jobs), desc="bench", unit="img", disable=None if use_tqdm else True)
+    while pending or engine.has_unfinished_requests():
+        if not engine.has_unfinished_requests():
+            for job in pending[:wave]:
+                ids[engine.add_request(job.prompt, job.params, request_id=f"bench-{job.index}")] = job.index
+            pending = pending[wave:]
+        outs = [o for o in engine.step() if o.request_id in ids]
+        steps += 1
+        max_in_flight = max(max_in_flight, len(engine.scheduler.running) + len(outs))
+        for out in outs:
+            done[ids[out.request_id]] = out
+        bar.update(len(outs))
+    bar.close()
+    return [done[j.index] for j in jobs], {"num_steps": steps, "max_in_flight": max_in_flight}
+
+
+def _report(
+    engine: Engine, jobs: list[_Job], outputs: list[ImageOutput], stats: dict, elapsed: float, t5_time: float,
+    batching: str, warmup: int, exclude_text_encoder: bool, seed: int, command: str | None,
+) -> dict:
+    runner, cache = engine.runner, engine.cache_stats()
+    rows = [num_rows(j.params.cfg, j.params.negative_prompt is not None) for j in jobs]
+    image_tokens = sum(j.params.schedule.total_tokens for j in jobs)
+    scale_tokens = sum(r * j.params.schedule.total_tokens for r, j in zip(rows, jobs))
+    latencies = np.array([o.metrics.latency_s for o in outputs])
+    throughput_time = elapsed - t5_time if exclude_text_encoder else elapsed
+    n = len(outputs)
+    peak_gpu = torch.cuda.max_memory_allocated(runner.device) if runner.device.type == "cuda" else None
+    first = jobs[0].params
+    return {
+        # vLLM `bench throughput` keys
+        "elapsed_time": elapsed,
+        "num_requests": n,
+        "total_num_tokens": scale_tokens,
+        "requests_per_second": n / throughput_time,
+        "tokens_per_second": scale_tokens / throughput_time,
+        # throughput
+        "images_per_second": n / throughput_time,
+        "scale_tokens_per_second": scale_tokens / throughput_time,
+        "image_tokens": image_tokens,
+        "image_tokens_per_second": image_tokens / throughput_time,
+        "throughput_time_s": throughput_time,
+        "text_encoder_included": not exclude_text_encoder,
+        "text_encoder_time_s": t5_time,
+        "images_per_second_with_text_encoder": n / elapsed,
+        "images_per_second_without_text_encoder": n / (elapsed - t5_time),
+        # latency
+        "latency_mean_s": float(latencies.mean()),
+        "latency_p50_s": float(np.percentile(latencies, 50)),
+        "latency_p95_s": float(np.percentile(latencies, 95)),
+        "latency_max_s": float(latencies.max()),
+        "queue_mean_s": float(np.mean([o.metrics.queue_s for o in outputs])),
+        "num_steps": stats["num_steps"],
+        "max_images_in_flight": stats["max_in_flight"],
+        "num_preemptions": sum(o.metrics.num_preemptions for o in outputs),
+        # memory
+        "peak_gpu_memory_bytes": peak_gpu,
+        "peak_kv_pages": cache["peak_used_pages"],
+        "peak_kv_bytes": cache["peak_used_pages"] * cache["page_bytes"],
+        "kv_pages_per_image_mean": float(np.mean([o.metrics.mean_kv_pages for o in outputs])),
+        "kv_pages_per_image_peak": max(o.metrics.peak_kv_pages for o in outputs),
+        "nominal_kv_bytes_per_image": max(o.metrics.nominal_kv_bytes for o in outputs),
+        "kv_pool_pages": cache["total_pages"],
+        "kv_pool_bytes": cache["kv_pool_bytes"],
+        "page_size": cache["page_size"],
+        "page_bytes": cache["page_bytes"],
+        # configuration
+        "model": engine.config.model,
+        "size": first.schedule.name,
+        "num_scales": first.schedule.num_scales,
+        "rows_per_image": rows[0],
+        "cfg": first.cfg,
+        "tau": first.tau,
+        "top_p": first.top_p,
+        "seed": seed,
+        "kv_policy": cache["kv_policy"],
+        "kv_budget": cache["kv_budget"],
+        "batching": batching,
+        "max_num_seqs": engine.config.max_num_seqs,
+        "max_num_batched_tokens": runner.max_num_batched_tokens,
+        "warmup_images": warmup,
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        # environment
+        "attention_backend": runner.backend,
+        "device": str(runner.device),
+        "device_name": device_name(runner.device),
+        "torch_version": torch.__version__,
+        "varserve_git_commit": git_commit(),
+        "command": command if command is not None else shlex.join(sys.argv),
+        "timestamp_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+def git_commit() -> str:
+    """HEAD of the checkout varserve runs from ('-dirty' appended with uncommitted changes), or 'unknown'."""
+    cwd = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha or "unknown"
+
+
+def default_output_path(model: str, kv_policy: str, batching: str) -> Path:
+    """benchmarks/results/bench-<model>-<policy>-<batching>-<utc timestamp>.json (relative to the cwd)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name).strip("-") or "model"
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return RESULTS_DIR / f"bench-{name}-{kv_policy}-{batching}-{stamp}.json"
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def format_table(r: dict) -> str:
+    """One table of the headline numbers of a `run_benchmark` result."""
+    gib = 2**30
+    t5 = "included" if r["text_encoder_included"] else "excluded"
+    peak_gpu = "n/a (not CUDA)" if r["peak_gpu_memory_bytes"] is None else f"{r['peak_gpu_memory_bytes'] / gib:.2f} GiB"
+    lines = [
+        ("model / size / cfg", f"{r['model']} / {r['size']} ({r['num_scales']} scales) / {r['cfg']:g} "
+                               f"({r['rows_per_image']} rows)"),
+        ("kv policy / budget", f"{r['kv_policy']} / {r['kv_budget']:g}"),
+        ("batching", f"{r['batching']} (max_num_seqs {r['max_num_seqs']}, "
+                     f"max_num_batched_tokens {r['max_num_batched_tokens']})"),
+        ("device / dtype / attention", f"{r['device_name']} / {r['dtype']} / {r['attention_backend']}"),
+        ("images", f"{r['num_requests']} (after {r['warmup_images']} warmup)"),
+        ("wall time", f"{r['elapsed_time']:.2f} s (text encoder {r['text_encoder_time_s']:.2f} s, {t5})"),
+        ("throughput", f"{r['images_per_second']:.3f} images/s (text encoder {t5})"),
+        ("  with / without text encoder", f"{r['images_per_second_with_text_encoder']:.3f} / "
+                                          f"{r['images_per_second_without_text_encoder']:.3f} images/s"),
+        ("scale tokens/s (all rows)", f"{r['scale_tokens_per_second']:,.0f}"),
+        ("image tokens/s (no CFG rows)", f"{r['image_tokens_per_second']:,.0f}"),
+        ("latency p50 / p95 / max", f"{r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} / "
+                                    f"{r['latency_max_s']:.2f} s (mean queue {r['queue_mean_s']:.2f} s)"),
+        ("max images in flight", f"{r['max_images_in_flight']} ({r['num_steps']} steps, "
+                                 f"{r['num_preemptions']} preemptions)"),
+        ("peak KV", f"{r['peak_kv_pages']:,} pages = {r['peak_kv_bytes'] / gib:.3f} GiB "
+                    f"of {r['kv_pool_pages']:,} pages"),
+        ("KV pages per image mean / peak", f"{r['kv_pages_per_image_mean']:,.1f} / {r['kv_pages_per_image_peak']:,}"),
+        ("peak GPU memory", peak_gpu),
+    ]
+    width = max(len(k) for k, _ in lines)
+    rule = "=" * (width + 3 + max(len(v) for _, v in lines))
+    body = [f"{k:<{width}} | {v}" for k, v in lines]
+    return "\n".join([rule, *body, rule])

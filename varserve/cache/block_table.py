@@ -1,0 +1,114 @@
+"""Block tables of one request: the pages of every (row, layer, head), in token order (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from varserve.cache.allocator import BlockAllocator
+
+
+def pages_for(lengths: np.ndarray, page_size: int) -> np.ndarray:
+    """Pages needed to hold `lengths` tokens (elementwise)."""
+    return (np.asarray(lengths, dtype=np.int64) + page_size - 1) // page_size
+
+
+def _segments(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For segments [starts[i], starts[i] + counts[i]) of flat entries i: (entry index, position) pairs."""
+    counts = counts.ravel()
+    entry = np.repeat(np.arange(len(counts)), counts)
+    first = np.cumsum(counts) - counts
+    pos = np.arange(len(entry)) - np.repeat(first, counts) + np.repeat(starts.ravel(), counts)
+    return entry, pos
+
+
+class BlockTables:
+    """Pages of one request as `[layers, rows, heads, max_pages]` int32 (padded with the null page 0) and
+    token lengths `[layers, rows, heads]`. Layer-major so that `table(layer)` is a contiguous view."""
+
+    def __init__(self, rows: int, layers: int, heads: int, max_pages: int, page_size: int) -> None:
+        self.page_size = page_size
+        self._pages = np.zeros((layers, rows, heads, max_pages), dtype=np.int32)
+        self._lengths = np.zeros((layers, rows, heads), dtype=np.int32)
+
+    @property
+    def max_pages(self) -> int:
+        return self._pages.shape[-1]
+
+    def table(self, layer: int) -> np.ndarray:
+        """Read-only `[rows, heads, max_pages]` int32 page ids of one layer."""
+        return _read_only(self._pages[layer])
+
+    def lengths(self, layer: int) -> np.ndarray:
+        """Read-only `[rows, heads]` int32 token counts of one layer."""
+        return _read_only(self._lengths[layer])
+
+    def num_pages(self) -> int:
+        return int(pages_for(self._lengths, self.page_size).sum())
+
+    def grow(self, layer: int, new_lengths: np.ndarray, allocator: BlockAllocator) -> bool:
+        """Allocate the pages that `new_lengths[rows, heads]` (>= the current lengths) need. All or nothing:
+        False, with nothing allocated, when the pool is short."""
+        new_lengths = self._checked(layer, new_lengths, grow=True)
+        old_n = pages_for(self._lengths[layer], self.page_size)
+        need = pages_for(new_lengths, self.page_size) - old_n
+        pages = allocator.allocate(int(need.sum()))
+        if pages is None:
+            return False
+        entry, pos = _segments(old_n, need)
+        self._flat(layer)[entry, pos] = pages
+        self._lengths[layer] = new_lengths
+        return True
+
+    def shrink(self, layer: int, new_lengths: np.ndarray, allocator: BlockAllocator) -> int:
+        """Cut lengths to `new_lengths[rows, heads]` (<= the current ones); free the tail pages no longer
+        needed. Returns how many pages were freed."""
+        new_lengths = self._checked(layer, new_lengths, grow=False)
+        new_n = pages_for(new_lengths, self.page_size)
+        entry, pos = _segments(new_n, pages_for(self._lengths[layer], self.page_size) - new_n)
+        flat = self._flat(layer)
+        allocator.free(flat[entry, pos])
+        flat[entry, pos] = 0
+        self._lengths[layer] = new_lengths
+        return len(entry)
+
+    def release(self, allocator: BlockAllocator) -> None:
+        """Free every page; a second call frees nothing."""
+        allocator.free(self._pages[self._pages != 0])
+        self._pages[:] = 0
+        self._lengths[:] = 0
+
+    def slots(self, layer: int, start: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """int64 flat slots (page * page_size + offset) of tokens [start, start + count) of every
+        (row, head), ordered by (row, token, head): when all heads of a row get the same count, this reshapes
+        to the `[T, H]` slot_mapping of `write_kv`."""
+        shape = self._lengths[layer].shape
+        start, count = (np.broadcast_to(np.asarray(x, dtype=np.int32), shape) for x in (start, count))
+        if (count < 0).any() or (start < 0).any() or (start + count > self._lengths[layer]).any():
+            raise ValueError("slots outside the grown lengths")
+        steps = np.arange(int(count.max(initial=0)), dtype=np.int32)[None, :, None]
+        keep = steps < count[:, None, :]  # [rows, t, heads]: selecting with it yields (row, token, head) order
+        page_index, offset = np.divmod(start[:, None, :] + steps, np.int32(self.page_size))
+        first = np.arange(start.size).reshape(start.shape)[:, None, :] * self.max_pages
+        page = self._pages[layer].reshape(-1).take((first + page_index)[keep])
+        return page.astype(np.int64) * self.page_size + offset[keep]
+
+    def _flat(self, layer: int) -> np.ndarray:
+        return self._pages[layer].reshape(-1, self.max_pages)
+
+    def _checked(self, layer: int, new_lengths: np.ndarray, grow: bool) -> np.ndarray:
+        new_lengths = np.asarray(new_lengths, dtype=np.int32)
+        old = self._lengths[layer]
+        if new_lengths.shape != old.shape:
+            raise ValueError(f"lengths must have shape {old.shape}, got {new_lengths.shape}")
+        bad = (new_lengths < old) if grow else (new_lengths > old) | (new_lengths < 0)
+        if bad.any():
+            raise ValueError(f"{'grow' if grow else 'shrink'}: new lengths must be {'>=' if grow else '<='} the old")
+        if (pages_for(new_lengths, self.page_size) > self.max_pages).any():
+            raise ValueError(f"lengths need more than max_pages={self.max_pages} pages")
+        return new_lengths
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
