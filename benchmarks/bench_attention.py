@@ -93,10 +93,8 @@ def dense_fn(case: Case, softmax_scale: float) -> Callable[[], list[torch.Tensor
     """Dense SDPA per group (outputs [rows, H, Lq, d], not repacked: the baseline is the kernel alone). On CUDA
     cuDNN first; flash/efficient only for a shape that cuDNN turns down, so one tiny group cannot stop the run."""
     fallbacks = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    kernel = sdpa_kernel(fallbacks, set_priority=True) if case.q.is_cuda else contextlib.nullcontext()
-
     def run() -> list[torch.Tensor]:
-        with kernel:
+        with sdpa_kernel(fallbacks, set_priority=True) if case.q.is_cuda else contextlib.nullcontext():
             return [F.scaled_dot_product_attention(q, k, v, scale=softmax_scale) for q, k, v in case.dense]
 
     return run

@@ -55,7 +55,7 @@ def test_bad_size_exits_2_with_one_line_and_no_traceback(tmp_path):
     (["a cat", "--cfg", "-1"], "cfg:"),
     (["a cat", "--kv-budget", "0.5"], "kv_budget must be 1.0"),
     (["a cat", "--model", "no-such-model"], "neither a preset"),
-    (["x" * 200], "over the 64-token limit"),
+    (["x" * 300], "over the 128-token limit"),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, args, message):
     argv = ["generate", *args, "--out", str(tmp_path), "--num-pages", "256", "--log-level", "WARNING"]

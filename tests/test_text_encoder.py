@@ -77,7 +77,8 @@ def test_batch_invariance(tiny):
 def test_over_long_prompt_is_rejected(tiny):
     fits = "x" * (TINY.max_length - 1)
     assert tiny.encode([fits]).lengths == [TINY.max_length]
-    with pytest.raises(ValueError, match=r"prompt 1 is 65 tokens long .* over the 64-token limit"):
+    limit = TINY.max_length
+    with pytest.raises(ValueError, match=rf"prompt 1 is {limit + 1} tokens long .* over the {limit}-token limit"):
         tiny.encode(["ok", fits + "y"])
 
 

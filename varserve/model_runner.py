@@ -26,6 +26,7 @@ logger = logging.getLogger("varserve")
 DEFAULT_PAGE_SIZE = 32
 CPU_KV_BYTES = 512 * 2**20  # pool size on CPU when num_pages is not given
 ACTIVATION_MARGIN = 1.2  # head room over the profiled peak step
+DECODE_PIXELS = 2 * 1024 * 1024  # pixels per VAE decode call: bounds the decoder's activations
 
 
 @dataclass
@@ -62,7 +63,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_allocated(self.device)
         budget = total * self.config.gpu_memory_utilization - used_by_others - torch.cuda.memory_allocated(self.device)
-        budget -= ACTIVATION_MARGIN * self._profile_step()
+        budget -= ACTIVATION_MARGIN * max(self._profile_step(), self._profile_decode())
         pages = int(budget // self.page_bytes)
         if pages < 2:
             raise RuntimeError(
@@ -86,6 +87,20 @@ class ModelRunner:
         self.model(x, batch, kv)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         logger.info("profiled step of %d tokens: %.2f GiB of activations", rows * side * side, peak / 2**30)
+        return peak
+
+    @torch.no_grad()
+    def _profile_decode(self) -> int:
+        """Peak extra memory of one VAE decode call of the largest image (1024x1024), in bytes."""
+        latent = self.vae.config.latent_hw((64, 64))
+        summed = torch.randn(_decode_chunk(1024 * 1024), self.vae.config.codebook_dim, *latent, device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        with torch.autocast("cuda", torch.bfloat16):
+            self.vae.decode(summed)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        logger.info("profiled VAE decode of %d 1024x1024 images: %.2f GiB", summed.shape[0], peak / 2**30)
         return peak
 
     # ---- requests -------------------------------------------------------------------------------------
@@ -135,12 +150,18 @@ class ModelRunner:
         by_size: dict[str, list[Request]] = {}
         for req in reqs:
             by_size.setdefault(req.schedule.name, []).append(req)
-        autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
         for group in by_size.values():
-            with autocast:
-                pixels = self.vae.decode(torch.cat([self.states[r.request_id].summed for r in group])).cpu().numpy()
-            images.update({r.request_id: pixels[i] for i, r in enumerate(group)})
+            width, height = group[0].schedule.image_size
+            chunk = _decode_chunk(width * height)
+            for i in range(0, len(group), chunk):
+                images.update(self._decode_chunk(group[i : i + chunk]))
         return images
+
+    def _decode_chunk(self, reqs: list[Request]) -> dict[str, np.ndarray]:
+        summed = torch.cat([self.states[r.request_id].summed for r in reqs])
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+            pixels = self.vae.decode(summed).cpu().numpy()
+        return {r.request_id: pixels[i] for i, r in enumerate(reqs)}
 
 
 class _ProfileKV:
@@ -158,6 +179,10 @@ class _ProfileKV:
         k, v = k.repeat(1, 1, reps, 1), v.repeat(1, 1, reps, 1)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
         return out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1])
+
+
+def _decode_chunk(pixels_per_image: int) -> int:
+    return max(1, DECODE_PIXELS // pixels_per_image)
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:

@@ -151,7 +151,8 @@ class SelfAttention(nn.Module):
         q = qkv[:, 0] + self.q_bias.view(self.heads, self.head_dim)
         v = qkv[:, 2] + self.v_bias.view(self.heads, self.head_dim)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        q_scale = self.scale_mul_1H11.view(self.heads, 1).to(acc).clamp_max(MAX_LOG_SCALE).exp()
+        # Clamped in the parameter's dtype, as the reference (bf16 blocks: log(100) rounds to 4.59375), then exp.
+        q_scale = self.scale_mul_1H11.view(self.heads, 1).clamp_max(MAX_LOG_SCALE).to(acc).exp()
         q = F.normalize(q.to(acc), dim=-1) * q_scale
         k = F.normalize(qkv[:, 1].to(acc), dim=-1)
         q = apply_rope(q, batch.rope_cos, batch.rope_sin)
@@ -210,7 +211,11 @@ class Block(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss[0, 0].to(x.dtype) + batch.text.gss).unbind(1)
         h = modulate(x, scale1, shift1, batch, self.eps).to(dtype)
         x = x + self.sa(h, batch, kv, layer).to(x.dtype) * gamma1[batch.row_index]
-        x = x + self.ca(self.ca_norm(x.to(self.ca_norm.weight.dtype)).to(dtype), batch, layer).to(x.dtype)
+        # ca_norm runs on the fp32 residual (the reference's autocast runs layer_norm in fp32); only its output
+        # is cast to the weights' dtype.
+        norm = self.ca_norm
+        h = F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+        x = x + self.ca(h.to(dtype), batch, layer).to(x.dtype)
         h = modulate(x, scale2, shift2, batch, self.eps).to(dtype)
         return x + self.ffn(h).to(x.dtype) * gamma2[batch.row_index]
 
@@ -292,7 +297,8 @@ class Infinity(nn.Module):
     def encode_text(self, features: Tensor, lengths: list[int]) -> TextMemory:
         """features: [sum(lengths), text_dim] packed T5 output of R rows -> the rows' TextMemory."""
         acc = self.residual_dtype
-        text = self.text_norm(features.to(self.cfg_uncond.dtype))
+        # RMSNorm of the fp32 T5 features (as the reference); the text layers then run in the weights' dtype.
+        text = self.text_norm(features.to(acc)).to(self.text_proj_for_ca[0].weight.dtype)
         cu = _cu_seqlens(lengths, text.device)
         cond = self.text_proj_for_sos.ca(text, cu, max(lengths)).to(acc)
         memory = self.text_proj_for_ca(text)
