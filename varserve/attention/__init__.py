@@ -8,6 +8,7 @@ from varserve.attention.paged import (
     paged_attention_triton,
     select_backend,
     slot_mapping,
+    upload,
     write_kv,
 )
 from varserve.attention.varlen import varlen_attention
@@ -20,6 +21,7 @@ __all__ = [
     "paged_attention_triton",
     "select_backend",
     "slot_mapping",
+    "upload",
     "varlen_attention",
     "write_kv",
 ]

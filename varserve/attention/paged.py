@@ -86,7 +86,7 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
 
 def write_kv(k_pages: Tensor, v_pages: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
     """Store `k, v [T, H, d]` at `slot_mapping [T, H]` (int64 flat slots): one index_copy_ per pool."""
-    slots = _upload(slot_mapping, k_pages.device, torch.int64).reshape(-1)
+    slots = upload(slot_mapping, k_pages.device, torch.int64).reshape(-1)
     for pages, x in ((k_pages, k), (v_pages, v)):
         _flat(pages).index_copy_(0, slots, x.reshape(-1, x.shape[-1]).to(pages.dtype))
 
@@ -94,10 +94,10 @@ def write_kv(k_pages: Tensor, v_pages: Tensor, k: Tensor, v: Tensor, slot_mappin
 def slot_mapping(block_table: Tensor, start: Tensor, cu_seqlens_q: Tensor, total_q: int, page_size: int) -> Tensor:
     """`[total_q, H]` int64 slots for `write_kv` of packed new tokens, computed on the table's device (no
     host work per token): token i of row b goes to position start[b, h] + i of (row b, head h)."""
-    cu = _upload(cu_seqlens_q, block_table.device, torch.int64)
+    cu = upload(cu_seqlens_q, block_table.device, torch.int64)
     rows = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), torch.diff(cu), output_size=total_q)
     position = torch.arange(total_q, device=cu.device) - cu[rows]
-    tokens = _upload(start, cu.device, torch.int64)[rows] + position[:, None]
+    tokens = upload(start, cu.device, torch.int64)[rows] + position[:, None]
     heads = torch.arange(block_table.shape[1], device=cu.device)
     return block_table[rows[:, None], heads, tokens // page_size].long() * page_size + tokens % page_size
 
@@ -113,9 +113,14 @@ def _kv_slots(tables: Tensor, length: int, page_size: int) -> Tensor:
     return tables[..., t // page_size].long() * page_size + t % page_size
 
 
-def _upload(x: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
-    """Small host metadata to `device` without the stream sync of a blocking copy (no-op if already there)."""
-    return torch.as_tensor(x).to(device, dtype, non_blocking=True)
+def upload(x: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """Host metadata to `device` without stalling the host: a copy from pageable memory waits for the
+    device, so CUDA uploads go through a pinned staging copy (the caching host allocator keeps it alive
+    until the transfer is done). No-op when already there."""
+    t = torch.as_tensor(x)
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device, dtype)
+    return t.pin_memory().to(device, dtype, non_blocking=True)
 
 
 def _host_plan(cu_seqlens_q: Tensor, seqlens_k: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -173,13 +178,25 @@ def _sdpa_group(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor
     num_rows, num_heads, d = len(rows), q.shape[1], q.shape[2]
     lq = int(cu[rows[0] + 1] - cu[rows[0]])
     tokens = _selector((cu[rows][:, None] + np.arange(lq)).ravel(), q.device)
-    slots = _kv_slots(block_table[_selector(rows, q.device)], int(lens[rows].max()), k_pages.shape[1])
-    slots, mask = _head_mask(slots, lens[rows])
-    # q, k and v all in the [B, L, H, d] memory layout that SDPA usually gets from models
-    k, v = (_flat(pages)[slots.transpose(1, 2)].to(q.dtype).transpose(1, 2) for pages in (k_pages, v_pages))
+    tables = block_table[_selector(rows, q.device)]
+    if (lens[rows] == lens[rows[0], 0]).all():
+        k, v = (_gather_pages(pages, tables, int(lens[rows[0], 0])).to(q.dtype) for pages in (k_pages, v_pages))
+        mask = None
+    else:
+        slots, mask = _head_mask(_kv_slots(tables, int(lens[rows].max()), k_pages.shape[1]), lens[rows])
+        k, v = (_flat(pages)[slots].to(q.dtype) for pages in (k_pages, v_pages))
     q_rows = q[tokens].view(num_rows, lq, num_heads, d).transpose(1, 2)
     out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask, scale=scale)
     return tokens, out.transpose(1, 2).reshape(num_rows * lq, num_heads, d)
+
+
+def _gather_pages(pages: Tensor, tables: Tensor, length: int) -> Tensor:
+    """`[B, H, length, d]` (a view) of the first `length` tokens of every (row, head): whole pages are
+    copied with one index_select, so the copy moves page-sized contiguous blocks."""
+    page_size = pages.shape[1]
+    used = tables[..., : -(-length // page_size)]
+    gathered = pages.index_select(0, used.reshape(-1).long())
+    return gathered.view(*used.shape[:2], -1, pages.shape[-1])[:, :, :length]
 
 
 def _head_mask(slots: Tensor, lens: np.ndarray) -> tuple[Tensor, Tensor | None]:
@@ -189,7 +206,7 @@ def _head_mask(slots: Tensor, lens: np.ndarray) -> tuple[Tensor, Tensor | None]:
     if (lens == slots.shape[-1]).all():
         return slots, None
     _log_once("sdpa_gather: rows whose heads differ in KV length take the masked SDPA path")
-    valid = torch.arange(slots.shape[-1], device=slots.device) < _upload(lens, slots.device)[..., None]
+    valid = torch.arange(slots.shape[-1], device=slots.device) < upload(lens, slots.device)[..., None]
     return torch.where(valid, slots, slots[..., :1]), valid[:, :, None, :]
 
 
@@ -197,7 +214,7 @@ def _selector(index: np.ndarray, device: torch.device) -> slice | Tensor:
     """Index of a leading dimension: a slice (a view, no copy) when the sorted `index` is a contiguous range."""
     if len(index) and index[-1] - index[0] == len(index) - 1:
         return slice(int(index[0]), int(index[-1]) + 1)
-    return _upload(index, device)
+    return upload(index, device)
 
 
 # --- varlen_fa2: torch's FlashAttention-2 varlen over K/V gathered contiguously per row ---------------------
@@ -212,8 +229,8 @@ def _varlen_fa2(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor
         raise ValueError("varlen_fa2 needs the same KV length on every head of a row: use sdpa_gather or triton")
     slots = _row_major_slots(block_table, lens[:, 0], k_pages.shape[1])
     k, v = (_flat(pages)[slots].to(q.dtype) for pages in (k_pages, v_pages))
-    cu_k = _upload(np.concatenate([[0], np.cumsum(lens[:, 0])]), q.device, torch.int32)
-    cu_q = _upload(cu_seqlens_q, q.device, torch.int32)
+    cu_k = upload(np.concatenate([[0], np.cumsum(lens[:, 0])]), q.device, torch.int32)
+    cu_q = upload(cu_seqlens_q, q.device, torch.int32)
     return varlen_attn(q, k, v, cu_q, cu_k, max_seqlen_q, int(lens.max()), scale=softmax_scale)
 
 
@@ -222,7 +239,7 @@ def _row_major_slots(block_table: Tensor, lens: np.ndarray, page_size: int) -> T
     longest = int(lens.max())
     slots = _kv_slots(block_table, longest, page_size).transpose(1, 2).reshape(-1, block_table.shape[1])
     valid = np.arange(len(lens))[:, None] * longest + np.arange(longest)
-    return slots[_upload(valid[np.arange(longest) < lens[:, None]], slots.device)]
+    return slots[upload(valid[np.arange(longest) < lens[:, None]], slots.device)]
 
 
 # --- flash_attn: flash_attn_varlen_func with block_table ----------------------------------------------------
@@ -243,8 +260,8 @@ def _flash_attn(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor
     if k_pages.shape[1] % 256:
         raise ValueError(f"flash_attn paged KV needs page_size % 256 == 0, got {k_pages.shape[1]}")
     (num_rows, num_heads, max_pages), (total_q, _, d) = block_table.shape, q.shape
-    cu_q = _cumsum0(torch.diff(_upload(cu_seqlens_q, q.device)).repeat(num_heads))
-    cu_k = _cumsum0(_upload(seqlens_k, q.device).t().reshape(-1))
+    cu_q = _cumsum0(torch.diff(upload(cu_seqlens_q, q.device)).repeat(num_heads))
+    cu_k = _cumsum0(upload(seqlens_k, q.device).t().reshape(-1))
     out = flash_attn_varlen_func(
         q.transpose(0, 1).reshape(num_heads * total_q, 1, d), k_pages[:, :, None], v_pages[:, :, None],
         cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale=softmax_scale, causal=False,
@@ -288,7 +305,7 @@ def paged_attention_triton(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_ta
     if d not in (16, 32, 64, 128, 256) or q.stride(-1) != 1 or k_pages.stride(-1) != 1 or v_pages.stride(-1) != 1:
         raise ValueError(f"triton backend needs head_dim in (16, 32, 64, 128, 256) and unit last strides (d={d})")
     block_m = max(16, min(tiles.block_m, triton.next_power_of_2(max(max_seqlen_q, 1))))
-    table, lens, cu = (_upload(x, q.device, torch.int32).contiguous() for x in (block_table, seqlens_k, cu_seqlens_q))
+    table, lens, cu = (upload(x, q.device, torch.int32).contiguous() for x in (block_table, seqlens_k, cu_seqlens_q))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, num_rows)
     _paged_attention_kernel[grid](

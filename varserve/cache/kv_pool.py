@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from varserve.attention import paged_attention, slot_mapping, write_kv
+from varserve.attention import paged_attention, slot_mapping, upload, write_kv
 from varserve.cache.block_manager import BlockManager
 from varserve.scheduler.request import Request
 
@@ -42,7 +42,7 @@ class PagedKV:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
         pages = self.blocks.begin_layer(self.reqs, layer)
-        table = _to(pages.block_table, q.device)
+        table = upload(pages.block_table, q.device)
         slots = slot_mapping(table, torch.from_numpy(pages.history), self.cu_seqlens, q.shape[0], self.pool.page_size)
         write_kv(self.pool.k_pages, self.pool.v_pages, k, v, slots)
         out = paged_attention(
@@ -52,6 +52,3 @@ class PagedKV:
         self.blocks.end_layer(self.reqs, layer)
         return out
 
-
-def _to(array: np.ndarray, device: torch.device) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from varserve.attention.varlen import varlen_attention
+from varserve.attention import upload, varlen_attention
 from varserve.models.config import ModelConfig
 
 MAX_LOG_SCALE = math.log(100.0)
@@ -334,7 +334,7 @@ class Infinity(nn.Module):
 def _cu_seqlens(lengths: list[int], device: torch.device) -> Tensor:
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    return cu.to(device)
+    return upload(cu, device)
 
 
 def make_batch(
@@ -349,7 +349,7 @@ def make_batch(
     level = torch.repeat_interleave(torch.tensor([s for s, _, _ in row_scales]), torch.tensor(lens))
     return Batch(
         cu_seqlens=_cu_seqlens(lens, device), max_seqlen=max(lens),
-        row_index=row_index.to(device), level=level.to(device),
-        rope_cos=angles.cos().to(device, dtype), rope_sin=angles.sin().to(device, dtype),
+        row_index=upload(row_index, device), level=upload(level, device),
+        rope_cos=upload(angles.cos(), device, dtype), rope_sin=upload(angles.sin(), device, dtype),
         text=text, cu_text=_cu_seqlens(text.text_lens, device), max_text=max(text.text_lens),
     )
