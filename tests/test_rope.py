@@ -6,7 +6,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from varserve.models.infinity import apply_rope, rope_angles, rope_positions
+from varserve.models.fused import apply_rope
+from varserve.models.infinity import rope_angles, rope_positions
 from varserve.models.schedule import RATIOS, parse_size
 
 

@@ -150,3 +150,15 @@ def test_preemption_is_a_counted_fallback_and_recomputes_the_same_image(monkeypa
     assert outputs[0].metrics.num_preemptions == 1
     np.testing.assert_array_equal(np.asarray(outputs[0].image), expected)
     assert engine.cache_stats()["used_pages"] == 0
+
+
+def test_admission_is_staggered_by_lifetime_tokens() -> None:
+    lifetime = int(make_request("x").remaining_tokens.sum())
+    scheduler = Scheduler(SchedulerConfig(num_pages=10**9, max_num_seqs=64, max_num_batched_tokens=3 * lifetime))
+    for i in range(8):
+        scheduler.add(make_request(f"r{i}", arrival=float(i)))
+    admitted = [len(scheduler.schedule())]
+    for req in scheduler.running:
+        req.scale += 1
+    admitted.append(len(scheduler.schedule()))
+    assert admitted == [3, 6]  # three per step, not a wave of every request that fits

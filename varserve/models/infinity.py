@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from varserve.attention import upload, varlen_attention
 from varserve.models.config import ModelConfig
+from varserve.models.fused import cosine_qkv, gated_add, layer_norm_cast, ln_modulate
 
 MAX_LOG_SCALE = math.log(100.0)
 
@@ -106,21 +107,6 @@ def rope_angles(scale_hw: tuple[int, int], grid_hw: tuple[int, int], head_dim: i
     return torch.cat([pos[:, :1] * inv_freq, pos[:, 1:] * inv_freq], dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent (even, odd) pairs of x [T, H, d] by per-token angles."""
-    even, odd = x[..., 0::2], x[..., 1::2]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
-
-
-def layer_norm(x: Tensor, eps: float) -> Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=eps)
-
-
-def modulate(x: Tensor, scale: Tensor, shift: Tensor, batch: Batch, eps: float) -> Tensor:
-    return layer_norm(x, eps) * (1 + scale[batch.row_index]) + shift[batch.row_index]
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -145,19 +131,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: Tensor, batch: Batch, kv: SelfAttentionKV, layer: int) -> Tensor:
-        T = x.shape[0]
-        qkv = F.linear(x, self.mat_qkv.weight).view(T, 3, self.heads, self.head_dim)
+        T, hd = x.shape[0], (self.heads, self.head_dim)
+        qkv = F.linear(x, self.mat_qkv.weight).view(T, 3, *hd)
         raw_q = qkv[:, 0] if kv.wants_raw_query(layer) else None
-        q = qkv[:, 0] + self.q_bias.view(self.heads, self.head_dim)
-        v = qkv[:, 2] + self.v_bias.view(self.heads, self.head_dim)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         # Clamped in the parameter's dtype, as the reference (bf16 blocks: log(100) rounds to 4.59375), then exp.
         q_scale = self.scale_mul_1H11.view(self.heads, 1).clamp_max(MAX_LOG_SCALE).to(acc).exp()
-        q = F.normalize(q.to(acc), dim=-1) * q_scale
-        k = F.normalize(qkv[:, 1].to(acc), dim=-1)
-        q = apply_rope(q, batch.rope_cos, batch.rope_sin)
-        k = apply_rope(k, batch.rope_cos, batch.rope_sin)
-        out = kv.attend(layer, q.to(x.dtype), k.to(x.dtype), v, raw_q)
+        q, k, v = cosine_qkv(qkv, self.q_bias.view(hd), self.v_bias.view(hd), q_scale, batch.rope_cos,
+                             batch.rope_sin, x.dtype)
+        out = kv.attend(layer, q, k, v, raw_q)
         return self.proj(out.reshape(T, -1))
 
 
@@ -207,17 +189,14 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, batch: Batch, kv: SelfAttentionKV, layer: int) -> Tensor:
         """x: [T, C] residual stream in fp32 (fp64 in exactness tests); sublayers run in the weights' dtype."""
-        dtype = self.sa.proj.weight.dtype
+        dtype, rows = self.sa.proj.weight.dtype, batch.row_index
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss[0, 0].to(x.dtype) + batch.text.gss).unbind(1)
-        h = modulate(x, scale1, shift1, batch, self.eps).to(dtype)
-        x = x + self.sa(h, batch, kv, layer).to(x.dtype) * gamma1[batch.row_index]
+        x = gated_add(x, self.sa(ln_modulate(x, scale1, shift1, rows, self.eps, dtype), batch, kv, layer), gamma1, rows)
         # ca_norm runs on the fp32 residual (the reference's autocast runs layer_norm in fp32); only its output
         # is cast to the weights' dtype.
-        norm = self.ca_norm
-        h = F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
-        x = x + self.ca(h.to(dtype), batch, layer).to(x.dtype)
-        h = modulate(x, scale2, shift2, batch, self.eps).to(dtype)
-        return x + self.ffn(h).to(x.dtype) * gamma2[batch.row_index]
+        h = layer_norm_cast(x, self.ca_norm.weight, self.ca_norm.bias, self.ca_norm.eps, dtype)
+        x = x + self.ca(h, batch, layer).to(x.dtype)
+        return gated_add(x, self.ffn(ln_modulate(x, scale2, shift2, rows, self.eps, dtype)), gamma2, rows)
 
 
 class BlockChunk(nn.Module):
@@ -327,7 +306,7 @@ class Infinity(nn.Module):
 
     def logits(self, x: Tensor, batch: Batch) -> Tensor:
         scale, shift = batch.text.head_ss.unbind(1)
-        h = modulate(x, scale, shift, batch, self.cfg.norm_eps)
+        h = ln_modulate(x, scale, shift, batch.row_index, self.cfg.norm_eps, x.dtype)
         return F.linear(h, self.head.weight.to(x.dtype), self.head.bias.to(x.dtype))
 
 

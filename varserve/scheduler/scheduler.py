@@ -5,6 +5,11 @@ in lockstep (one scale per step), and every policy's page counts are static, so 
 all future steps are known: a waiting request is admitted only if, from now until every running request
 ends, pages at every layer boundary of every step and tokens of every step stay within the limits. An
 admitted image therefore never runs out of pages midway. Order: priority (lower first), then arrival.
+
+Admission is also staggered: the requests admitted in one step bring at most max_num_batched_tokens tokens
+over their whole lives. Admitting everything that fits at once would put a wave of requests at the same
+scale, so small scales would run as small, launch-bound steps; staggered, every step mixes the scales of
+requests admitted at different steps and stays near the token budget.
 """
 
 from __future__ import annotations
@@ -51,10 +56,18 @@ class Scheduler:
 
     def schedule(self) -> list[Request]:
         """Admit what fits (in order, stopping at the first that does not) and return the step's requests."""
-        while self.waiting and len(self.running) < self.config.max_num_seqs and self._fits(self.waiting[0]):
-            req = self.waiting.pop(0)
+        admitted_tokens = 0
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            lifetime = int(req.remaining_tokens.sum())
+            if admitted_tokens and admitted_tokens + lifetime > self.config.max_num_batched_tokens:
+                break
+            if not self._fits(req):
+                break
+            self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            admitted_tokens += lifetime
         return list(self.running)
 
     def _fits(self, new: Request) -> bool:
