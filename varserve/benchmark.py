@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import logging
 import platform
 import re
@@ -257,7 +258,8 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout varserve runs from ('-dirty' appended with uncommitted changes), or 'unknown'."""
+    """HEAD of the checkout varserve runs from ('-dirty' appended with uncommitted changes); where there is no
+    git checkout (a copied tree), $VARSERVE_GIT_COMMIT, else 'unknown'."""
     cwd = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
@@ -265,7 +267,7 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("VARSERVE_GIT_COMMIT", "unknown")
     return f"{sha}-dirty" if dirty else sha or "unknown"
 
 
