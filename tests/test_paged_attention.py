@@ -227,10 +227,11 @@ def gpu_requests(pool: Pool, rng: np.random.Generator, uniform: bool) -> list[Re
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["sdpa_gather", "triton", "varlen_fa2"])
+@pytest.mark.parametrize("backend", ["sdpa_gather", "triton", "varlen_fa2", "hybrid"])
 @pytest.mark.parametrize("page_size", [16, 64, 256])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_cuda_backends_match_dense(backend: str, page_size: int, dim: int) -> None:
+def test_cuda_backends_match_dense(backend: str, page_size: int, dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("varserve.attention.paged.HYBRID_MIN_Q", 100)  # splits these rows between both paths
     pool = Pool(8000, page_size, heads=16, dim=dim, dtype=torch.bfloat16, device="cuda")
     rng = np.random.default_rng(page_size)
     for uniform in (True, False):

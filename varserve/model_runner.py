@@ -126,6 +126,7 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, reqs: list[Request], blocks: BlockManager) -> dict[str, np.ndarray]:
         """Run the next scale of every request; return uint8 RGB images of the ones that finished."""
+        reqs = sorted(reqs, key=lambda r: -r.scale_tokens)  # large rows first and contiguous: attention slices
         new = [r for r in reqs if r.request_id not in self.states]
         if new:
             self._start(new)

@@ -31,7 +31,8 @@ except ImportError:  # torch < 2.10
 
 logger = logging.getLogger("varserve")
 ENV_BACKEND = "VARSERVE_ATTENTION_BACKEND"
-DEFAULT_BACKENDS = {"cpu": "reference", "cuda": "sdpa_gather"}
+DEFAULT_BACKENDS = {"cpu": "reference", "cuda": "hybrid"}
+HYBRID_MIN_Q = 1024  # rows with at least this many queries go to dense SDPA, the rest to one Triton launch
 LOG2E = 1.4426950408889634
 
 
@@ -271,6 +272,29 @@ def _flash_attn(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor
 
 def _cumsum0(lengths: Tensor) -> Tensor:
     return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+# --- hybrid: dense SDPA for large scales, one Triton launch for all small ones ------------------------------
+
+@_backend("hybrid", lambda device: _triton_available(device))
+def _hybrid(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
+            cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float) -> Tensor:
+    """Rows with >= HYBRID_MIN_Q queries: sdpa_gather (cuDNN is fastest there, and its per-call host cost is
+    amortised); all other rows: one Triton launch, however many scales they span (a dense call per small
+    group would cost ~2 ms of host time each)."""
+    cu, lens = _host_plan(cu_seqlens_q, seqlens_k)
+    large = np.diff(cu) >= HYBRID_MIN_Q
+    if large.all() or not large.any():
+        fn = _sdpa_gather if large.all() else paged_attention_triton
+        return fn(q, k_pages, v_pages, block_table, seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale)
+    out = torch.empty_like(q)
+    for rows, fn in ((np.flatnonzero(large), _sdpa_gather), (np.flatnonzero(~large), paged_attention_triton)):
+        tokens = _selector(np.concatenate([np.arange(cu[r], cu[r + 1]) for r in rows]), q.device)
+        qlen = np.diff(cu)[rows]
+        sub_cu = torch.from_numpy(np.concatenate([[0], np.cumsum(qlen)]).astype(np.int32))
+        out[tokens] = fn(q[tokens], k_pages, v_pages, block_table[_selector(rows, q.device)],
+                         torch.from_numpy(lens[rows]), sub_cu, int(qlen.max()), int(lens[rows].max()), softmax_scale)
+    return out
 
 
 # --- triton: a paged flash-attention kernel of our own ------------------------------------------------------

@@ -98,6 +98,14 @@ def rope_positions(scale_hw: tuple[int, int], grid_hw: tuple[int, int]) -> Tenso
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
+@lru_cache(maxsize=2048)
+def rope_table(scale_hw: tuple[int, int], grid_hw: tuple[int, int], head_dim: int, base: float,
+               device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(cos, sin) [h*w, head_dim/2] of a scale, cached on the device: a step only concatenates them."""
+    angles = rope_angles(scale_hw, grid_hw, head_dim, base)
+    return upload(angles.cos(), device, dtype), upload(angles.sin(), device, dtype)
+
+
 @lru_cache(maxsize=512)
 def rope_angles(scale_hw: tuple[int, int], grid_hw: tuple[int, int], head_dim: int, base: float) -> Tensor:
     """Angles [h*w, head_dim/2]: the first half of the pairs turn with the row, the second with the column."""
@@ -322,13 +330,13 @@ def make_batch(
     """Batch metadata for rows given as (scale index, (h, w), rope grid (H, W)), in row order."""
     cfg, device = model.cfg, model.head.weight.device
     lens = [h * w for _, (h, w), _ in row_scales]
-    angles = torch.cat([rope_angles(hw, grid, cfg.head_dim, cfg.rope_base) for _, hw, grid in row_scales])
     dtype = model.residual_dtype
+    cos, sin = zip(*(rope_table(hw, grid, cfg.head_dim, cfg.rope_base, device, dtype) for _, hw, grid in row_scales))
     row_index = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
     level = torch.repeat_interleave(torch.tensor([s for s, _, _ in row_scales]), torch.tensor(lens))
     return Batch(
         cu_seqlens=_cu_seqlens(lens, device), max_seqlen=max(lens),
         row_index=upload(row_index, device), level=upload(level, device),
-        rope_cos=upload(angles.cos(), device, dtype), rope_sin=upload(angles.sin(), device, dtype),
+        rope_cos=torch.cat(cos), rope_sin=torch.cat(sin),
         text=text, cu_text=_cu_seqlens(text.text_lens, device), max_text=max(text.text_lens),
     )

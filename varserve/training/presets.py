@@ -1,0 +1,78 @@
+"""Configs of the shipped small model ("shapes"), until they are registered with the serving presets.
+
+The transformer is Infinity's architecture at depth 8, width 256 (4 heads of 64), 16 bits per token; the VAE decoder
+is the `tiny` preset's shape (stride 16, 16 bits); the text encoder is a byte-level T5 of width 64 (trained with
+the transformer: a random T5's features hardly depend on word order, see train.py). Images are 512x512: the 1:1
+schedule of the 512 budget, 10 scales, 2521 tokens, last grid 32x32.
+
+When `varserve.models.config.PRESETS`, `vae.VAE_PRESETS` or `text_encoder.TEXT_ENCODER_PRESETS` hold an entry of the
+same name, it must equal the one here (`registered_or_local` checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+from varserve.models.config import PRESETS, ModelConfig
+from varserve.models.schedule import ScaleSchedule, get_schedule
+from varserve.models.text_encoder import TEXT_ENCODER_PRESETS, TextEncoderConfig
+from varserve.models.vae import VAE_PRESETS, VAEConfig
+
+NAME = "shapes"
+
+VAE = VAEConfig("shapes", codebook_dim=16, channels=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, stride=16,
+                patchify=False)
+TEXT_ENCODER = TextEncoderConfig(name="shapes", d_model=64, max_length=128, num_layers=4, num_heads=4, d_ff=256)
+MODEL = ModelConfig(
+    name="shapes", depth=8, width=256, num_heads=4, d_vae=16, text_dim=64, text_maxlen=128, block_chunks=4,
+    pool_head_dim=16, vae="shapes", text_encoder="shapes",
+)
+IMAGE_SIZE = "512x512"
+
+
+def schedule() -> ScaleSchedule:
+    return get_schedule(1.0, 512)
+
+
+def _pick(registry: dict, local, what: str):
+    if local.name not in registry:
+        return local
+    registered = registry[local.name]
+    if isinstance(registered, ModelConfig):  # the registered preset may name where its weights live
+        registered = replace(registered, weights=local.weights)
+    if registered != local:
+        raise ValueError(f"{what} preset {local.name!r} is registered with other values: "
+                         f"{registry[local.name]} != {local}")
+    return registry[local.name]
+
+
+def registered_or_local(model: ModelConfig = MODEL, vae: VAEConfig = VAE, text: TextEncoderConfig = TEXT_ENCODER):
+    """(model, vae, text encoder) configs: the registered presets where they exist (checked equal), else these."""
+    return _pick(PRESETS, model, "model"), _pick(VAE_PRESETS, vae, "VAE"), _pick(TEXT_ENCODER_PRESETS, text, "text")
+
+
+def config_dict(model: ModelConfig, vae: VAEConfig, text: TextEncoderConfig) -> dict:
+    m = asdict(model)
+    m.pop("weights", None)
+    return {"model": m, "vae": asdict(vae), "text_encoder": asdict(text)}
+
+
+def preset_lines(model: ModelConfig = MODEL, vae: VAEConfig = VAE, text: TextEncoderConfig = TEXT_ENCODER) -> str:
+    """The lines that register these configs with the serving presets."""
+    return "\n".join([
+        "# varserve/models/config.py, in PRESETS:",
+        f'    "{model.name}": ModelConfig(',
+        f'        name="{model.name}", depth={model.depth}, width={model.width}, num_heads={model.num_heads}, '
+        f'd_vae={model.d_vae}, text_dim={model.text_dim},',
+        f'        text_maxlen={model.text_maxlen}, block_chunks={model.block_chunks}, '
+        f'pool_head_dim={model.pool_head_dim}, vae="{model.vae}", text_encoder="{model.text_encoder}",',
+        "    ),",
+        "# varserve/models/vae.py, in VAE_PRESETS:",
+        f'    "{vae.name}": VAEConfig("{vae.name}", codebook_dim={vae.codebook_dim}, channels={vae.channels}, '
+        f"ch_mult={vae.ch_mult}, num_res_blocks={vae.num_res_blocks},",
+        f"                      stride={vae.stride}, patchify={vae.patchify}),",
+        "# varserve/models/text_encoder.py, in TEXT_ENCODER_PRESETS:",
+        f'    "{text.name}": TextEncoderConfig(name="{text.name}", d_model={text.d_model}, '
+        f"max_length={text.max_length}, num_layers={text.num_layers},",
+        f"                                num_heads={text.num_heads}, d_ff={text.d_ff}),",
+    ])
