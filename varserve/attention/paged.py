@@ -193,10 +193,11 @@ def _sdpa_group(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor
 
 def _gather_pages(pages: Tensor, tables: Tensor, length: int) -> Tensor:
     """`[B, H, length, d]` (a view) of the first `length` tokens of every (row, head): whole pages are
-    copied with one index_select, so the copy moves page-sized contiguous blocks."""
+    copied by one advanced-indexing gather (PyTorch's 16-byte vectorised gather kernel; index_select copies
+    element by element and reached only ~0.45 TB/s on the H100)."""
     page_size = pages.shape[1]
     used = tables[..., : -(-length // page_size)]
-    gathered = pages.index_select(0, used.reshape(-1).long())
+    gathered = pages[used.reshape(-1).long()]
     return gathered.view(*used.shape[:2], -1, pages.shape[-1])[:, :, :length]
 
 
