@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from varserve.attention import upload, varlen_attention
 from varserve.models.config import ModelConfig
-from varserve.models.fused import cosine_qkv, gated_add, layer_norm_cast, ln_modulate
+from varserve.models.fused import cosine_qkv, gated_add, layer_norm_cast, ln_modulate, residual_add
 
 MAX_LOG_SCALE = math.log(100.0)
 
@@ -203,7 +203,7 @@ class Block(nn.Module):
         # ca_norm runs on the fp32 residual (the reference's autocast runs layer_norm in fp32); only its output
         # is cast to the weights' dtype.
         h = layer_norm_cast(x, self.ca_norm.weight, self.ca_norm.bias, self.ca_norm.eps, dtype)
-        x = x + self.ca(h, batch, layer).to(x.dtype)
+        x = residual_add(x, self.ca(h, batch, layer))
         return gated_add(x, self.ffn(ln_modulate(x, scale2, shift2, rows, self.eps, dtype)), gamma2, rows)
 
 
