@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from varserve.benchmark import git_commit  # noqa: E402
 from varserve.attention import TritonTiles, available_backends, paged_attention, write_kv  # noqa: E402
 from varserve.attention.paged import paged_attention_triton, triton  # noqa: E402
 from varserve.cache.allocator import BlockAllocator  # noqa: E402
@@ -143,10 +143,22 @@ def bench_shape(name: str, groups: list, args: argparse.Namespace, device: torch
             if error > 2e-2:
                 raise SystemExit(f"{name} {label} page {page_size}: relative error {error:.3g} vs dense")
             ms = median_ms(fn, device.type == "cuda")
+            if args.profile:
+                print_kernels(f"{name} {label} page {page_size}", fn)
             results.append(dict(row, backend=label, page_size=page_size, ms=ms, tflops=case.flops / ms / 1e9,
                                 pct_of_dense=100 * dense_ms / ms, rel_error=error))
         case.paged = None
     return results
+
+
+def print_kernels(title: str, fn: Callable[[], object], calls: int = 5) -> None:
+    """The device kernels of a few calls, most time first: where a backend loses to dense."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    print(f"-- kernels of {calls} calls: {title}")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=70))
 
 
 def print_table(results: list[dict]) -> None:
@@ -154,14 +166,6 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         print(f"{r['shape']:<12} {r['backend']:<26} {r['page_size'] or '-':>5} {r['ms']:>9.3f} "
               f"{r['tflops']:>8.1f} {r['pct_of_dense']:>7.1f}%")
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def parse_args() -> argparse.Namespace:
@@ -172,6 +176,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--triton-tiles", default="128x64x8x3", help="BLOCK_MxBLOCK_NxWARPSxSTAGES, comma list",
                         type=lambda s: [TritonTiles(*map(int, t.split("x"))) for t in s.split(",")])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU")
+    parser.add_argument("--profile", action="store_true", help="print each paged backend's top device kernels")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.heads, args.dim, args.dtype = (2, 64, torch.float32) if args.smoke else (16, 128, torch.bfloat16)
