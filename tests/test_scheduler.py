@@ -61,7 +61,7 @@ def test_pages_freed_by_one_request_serve_another_in_the_same_step() -> None:
     for req, scale in ((a, last), (b, 4)):
         blocks.start(req)
         _fill_history(blocks, req, scale)
-    reused = 0
+    reused, freed_by_a = 0, set()
     for layer in range(CFG.depth):
         b_before = _pages_of(b, layer)
         blocks.begin_layer([b, a], layer)  # B grows first: it can only use what A freed

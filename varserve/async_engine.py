@@ -8,10 +8,13 @@ image. The engine runs in a worker thread so the event loop stays responsive dur
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from varserve.engine import Engine
 from varserve.outputs import ImageOutput
 from varserve.params import SamplingParams
+
+logger = logging.getLogger("varserve")
 
 
 class AsyncEngine:
@@ -20,6 +23,7 @@ class AsyncEngine:
         self._waiters: dict[str, asyncio.Future[ImageOutput]] = {}
         self._lock = asyncio.Lock()  # the engine is not thread-safe: one call into it at a time
         self._loop_task: asyncio.Task | None = None
+        self.error: Exception | None = None  # why the step loop died (the engine's state is then unknown)
 
     @classmethod
     def from_args(cls, model: str = "tiny", **kwargs) -> "AsyncEngine":
@@ -27,7 +31,9 @@ class AsyncEngine:
 
     async def generate(self, prompt: str, params: SamplingParams | None = None, *, request_id: str | None = None,
                        priority: int = 0) -> ImageOutput:
-        """One image. Raises ValueError for bad input, RuntimeError if the image failed."""
+        """One image. Raises ValueError for bad input, RuntimeError if the image failed or the loop died."""
+        if self.error is not None:
+            raise RuntimeError(f"the engine loop died: {self.error}")
         async with self._lock:
             rid = self.engine.add_request(prompt, params, request_id=request_id, priority=priority)
         future = asyncio.get_running_loop().create_future()
@@ -36,7 +42,7 @@ class AsyncEngine:
         try:
             out = await future
         except asyncio.CancelledError:
-            await self.abort(rid)
+            await asyncio.shield(self.abort(rid))  # shielded: a second cancel must not leave its pages held
             raise
         finally:
             self._waiters.pop(rid, None)
@@ -53,11 +59,18 @@ class AsyncEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while self._waiters:
-            async with self._lock:
-                outputs = await asyncio.to_thread(self.engine.step)
-            for out in outputs:
-                future = self._waiters.get(out.request_id)
-                if future is not None and not future.done():
-                    future.set_result(out)
-            await asyncio.sleep(0)
+        try:
+            while self._waiters:
+                async with self._lock:
+                    outputs = await asyncio.to_thread(self.engine.step)
+                for out in outputs:
+                    future = self._waiters.get(out.request_id)
+                    if future is not None and not future.done():
+                        future.set_result(out)
+                await asyncio.sleep(0)
+        except Exception as exc:  # a bug outside the model (the engine fails model errors per request)
+            logger.exception("the engine loop died; failing every request")
+            self.error = exc
+            for future in self._waiters.values():
+                if not future.done():
+                    future.set_exception(RuntimeError(f"the engine loop died: {exc}"))

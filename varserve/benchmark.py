@@ -3,12 +3,12 @@
 `run_benchmark(engine, ...)` drives an engine through `add_request` / `step` and measures wall time,
 throughput (images and scale tokens per second), per-image latency, KV pages and device memory. It returns
 a flat, JSON-ready dict; `format_table` renders it and `write_json` saves it. Every key is described in
-benchmarks/README.md.
+benchmarks/README.md. A data-parallel engine (`Engine(..., data_parallel_size=N)`) is measured the same way,
+with the figures of each replica under `replicas`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
@@ -19,9 +19,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from tqdm import tqdm
 from varserve.engine import Engine
 from varserve.models.generation import num_rows
 from varserve.outputs import ImageOutput
+from varserve.parallel import DataParallelEngine
 from varserve.params import MAX_SEED, SamplingParams
 
 logger = logging.getLogger("varserve")
@@ -84,6 +85,8 @@ def run_benchmark(
     warmup: images generated (and discarded) before timing starts.
     exclude_text_encoder: the text encoder always runs inside the engine and is timed on its own; this
         only chooses whether the headline throughput (`throughput_time_s`) counts its time.
+    Data parallel (N replicas): `warmup` images per replica, static waves of N * max_num_seqs, and the text
+        encoder's time is the longest replica's (replicas encode at the same time).
     The engine should be idle: the benchmark steps it and consumes every output.
     Raises ValueError for bad arguments and RuntimeError if any image failed.
     """
@@ -95,25 +98,20 @@ def run_benchmark(
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     params = params if params is not None else SamplingParams()
     jobs = [_Job(i, p, _with_seed(params, seed + i)) for i, p in enumerate(bench_prompts(num_prompts))]
-    _warmup(engine, params, warmup, seed)
+    replicas = engine.config.data_parallel_size
+    _warmup(engine, params, warmup * replicas, seed)
 
-    device = engine.runner.device
-    engine.allocator.reset_peak()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    wave = len(jobs) if batching == "continuous" else engine.config.max_num_seqs
-    with _timed_text_encoder(engine) as t5_time:
-        start = time.perf_counter()
-        outputs, stats = _drive(engine, jobs, wave, use_tqdm)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
+    _on_replicas(engine, _start_measuring)
+    wave = len(jobs) if batching == "continuous" else engine.config.max_num_seqs * replicas
+    start = time.perf_counter()
+    outputs, stats = _drive(engine, jobs, wave, use_tqdm)
+    measured = _on_replicas(engine, _stop_measuring)
+    elapsed = time.perf_counter() - start
     failed = [o for o in outputs if o.error]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(outputs)} benchmark images failed; first: {failed[0].error}")
-    return _report(engine, jobs, outputs, stats, elapsed, t5_time[0], batching, warmup, exclude_text_encoder, seed,
-                   command)
+    return _report(engine, jobs, outputs, stats, elapsed, measured, batching, warmup * replicas, exclude_text_encoder,
+                   seed, command)
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
@@ -129,27 +127,56 @@ def _warmup(engine: Engine, params: SamplingParams, n: int, seed: int) -> None:
     logger.info("warmup: %d image(s) in %.2f s", n, time.perf_counter() - t0)
 
 
-@contextlib.contextmanager
-def _timed_text_encoder(engine: Engine) -> Iterator[list[float]]:
-    """Accumulate the seconds spent in the text encoder (device-synchronised) while the block runs."""
-    encoder = engine.runner.text_encoder
-    original = encoder.encode
-    total = [0.0]
-    sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda *a: None)
+class _TimedEncode:
+    """Stands in for a text encoder's `encode` (as an instance attribute) and sums its device-synchronised
+    seconds."""
 
-    def encode(prompts):
-        sync(engine.runner.device)
+    def __init__(self, engine: Engine):
+        self.encode, self.device, self.seconds = engine.runner.text_encoder.encode, engine.runner.device, 0.0
+
+    def __call__(self, prompts):
+        _sync(self.device)
         t0 = time.perf_counter()
-        result = original(prompts)
-        sync(engine.runner.device)
-        total[0] += time.perf_counter() - t0
+        result = self.encode(prompts)
+        _sync(self.device)
+        self.seconds += time.perf_counter() - t0
         return result
 
-    encoder.encode = encode  # instance attribute shadows the method for the benchmark only
-    try:
-        yield total
-    finally:
-        del encoder.encode
+
+def _start_measuring(engine: Engine) -> None:
+    """In the engine's process: reset the KV and CUDA peaks and start timing the text encoder."""
+    device = engine.runner.device
+    engine.allocator.reset_peak()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine.runner.text_encoder.encode = _TimedEncode(engine)  # shadows the method for the benchmark only
+
+
+def _stop_measuring(engine: Engine) -> dict:
+    """In the engine's process: wait for the device, stop timing the text encoder, return this engine's figures."""
+    runner = engine.runner
+    _sync(runner.device)
+    timed = runner.text_encoder.encode
+    del runner.text_encoder.encode
+    return {
+        "device": str(runner.device), "device_name": device_name(runner.device),
+        "dtype": str(runner.dtype).removeprefix("torch."), "attention_backend": runner.backend,
+        "max_num_batched_tokens": runner.max_num_batched_tokens, "text_encoder_time_s": timed.seconds,
+        "peak_kv_pages": engine.allocator.peak_used,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(runner.device) if runner.device.type == "cuda"
+        else None,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _on_replicas(engine: Engine, fn) -> dict[int, object]:
+    """fn(engine) in every replica's process ({0: fn(engine)} for a single engine)."""
+    return engine.run_on_replicas(fn) if isinstance(engine, DataParallelEngine) else {0: fn(engine)}
 
 
 def _drive(engine: Engine, jobs: list[_Job], wave: int, use_tqdm: bool) -> tuple[list[ImageOutput], dict]:
@@ -157,35 +184,39 @@ def _drive(engine: Engine, jobs: list[_Job], wave: int, use_tqdm: bool) -> tuple
     In flight during a step = requests still running after it + requests that ended in it."""
     pending, done = list(jobs), {}
     ids: dict[str, int] = {}
+    served_by: dict[int, int] = {}  # job index -> replica index
     max_in_flight = steps = 0
     bar = tqdm(total=len(jobs), desc="bench", unit="img", disable=None if use_tqdm else True)
     while pending or engine.has_unfinished_requests():
         if not engine.has_unfinished_requests():
             for job in pending[:wave]:
-                ids[engine.add_request(job.prompt, job.params, request_id=f"bench-{job.index}")] = job.index
+                rid = engine.add_request(job.prompt, job.params, request_id=f"bench-{job.index}")
+                ids[rid] = job.index
+                served_by[job.index] = engine.replica_of(rid) if isinstance(engine, DataParallelEngine) else 0
             pending = pending[wave:]
         outs = [o for o in engine.step() if o.request_id in ids]
         steps += 1
-        max_in_flight = max(max_in_flight, len(engine.scheduler.running) + len(outs))
+        max_in_flight = max(max_in_flight, engine.cache_stats()["running"] + len(outs))
         for out in outs:
             done[ids[out.request_id]] = out
         bar.update(len(outs))
     bar.close()
-    return [done[j.index] for j in jobs], {"num_steps": steps, "max_in_flight": max_in_flight}
+    return [done[j.index] for j in jobs], {"num_steps": steps, "max_in_flight": max_in_flight, "served_by": served_by}
 
 
 def _report(
-    engine: Engine, jobs: list[_Job], outputs: list[ImageOutput], stats: dict, elapsed: float, t5_time: float,
-    batching: str, warmup: int, exclude_text_encoder: bool, seed: int, command: str | None,
+    engine: Engine, jobs: list[_Job], outputs: list[ImageOutput], stats: dict, elapsed: float,
+    measured: dict[int, dict], batching: str, warmup: int, exclude_text_encoder: bool, seed: int, command: str | None,
 ) -> dict:
-    runner, cache = engine.runner, engine.cache_stats()
+    cache, env = engine.cache_stats(), next(iter(measured.values()))
     rows = [num_rows(j.params.cfg, j.params.negative_prompt is not None) for j in jobs]
     image_tokens = sum(j.params.schedule.total_tokens for j in jobs)
     scale_tokens = sum(r * j.params.schedule.total_tokens for r, j in zip(rows, jobs))
     latencies = np.array([o.metrics.latency_s for o in outputs])
+    t5_time = max(m["text_encoder_time_s"] for m in measured.values())
     throughput_time = elapsed - t5_time if exclude_text_encoder else elapsed
     n = len(outputs)
-    peak_gpu = torch.cuda.max_memory_allocated(runner.device) if runner.device.type == "cuda" else None
+    peaks_gpu = [m["peak_gpu_memory_bytes"] for m in measured.values() if m["peak_gpu_memory_bytes"] is not None]
     first = jobs[0].params
     return {
         # vLLM `bench throughput` keys
@@ -213,8 +244,8 @@ def _report(
         "num_steps": stats["num_steps"],
         "max_images_in_flight": stats["max_in_flight"],
         "num_preemptions": sum(o.metrics.num_preemptions for o in outputs),
-        # memory
-        "peak_gpu_memory_bytes": peak_gpu,
+        # memory (sums over data-parallel replicas, but peak GPU memory: the largest replica's)
+        "peak_gpu_memory_bytes": max(peaks_gpu, default=None),
         "peak_kv_pages": cache["peak_used_pages"],
         "peak_kv_bytes": cache["peak_used_pages"] * cache["page_bytes"],
         "kv_pages_per_image_mean": float(np.mean([o.metrics.mean_kv_pages for o in outputs])),
@@ -237,18 +268,28 @@ def _report(
         "kv_budget": cache["kv_budget"],
         "batching": batching,
         "max_num_seqs": engine.config.max_num_seqs,
-        "max_num_batched_tokens": runner.max_num_batched_tokens,
+        "max_num_batched_tokens": env["max_num_batched_tokens"],
         "warmup_images": warmup,
-        "dtype": str(runner.dtype).removeprefix("torch."),
+        "dtype": env["dtype"],
+        # data parallel: one entry per replica (one for a single engine)
+        "data_parallel_size": engine.config.data_parallel_size,
+        "replicas": _replica_figures(measured, stats["served_by"], throughput_time),
         # environment
-        "attention_backend": runner.backend,
-        "device": str(runner.device),
-        "device_name": device_name(runner.device),
+        "attention_backend": env["attention_backend"],
+        "device": ",".join(m["device"] for m in measured.values()),
+        "device_name": env["device_name"],
         "torch_version": torch.__version__,
         "varserve_git_commit": git_commit(),
         "command": command if command is not None else shlex.join(sys.argv),
         "timestamp_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def _replica_figures(measured: dict[int, dict], served_by: dict[int, int], throughput_time: float) -> list[dict]:
+    served = Counter(served_by.values())
+    return [{"replica": i, "device": m["device"], "images": served[i], "images_per_second": served[i] / throughput_time,
+             "text_encoder_time_s": m["text_encoder_time_s"], "peak_kv_pages": m["peak_kv_pages"],
+             "peak_gpu_memory_bytes": m["peak_gpu_memory_bytes"]} for i, m in measured.items()]
 
 
 def device_name(device: torch.device) -> str:
@@ -289,6 +330,8 @@ def format_table(r: dict) -> str:
     """One table of the headline numbers of a `run_benchmark` result."""
     gib = 2**30
     t5 = "included" if r["text_encoder_included"] else "excluded"
+    per_replica = [("  per replica", ", ".join(f"#{p['replica']} {p['images_per_second']:.3f} ({p['images']} images)"
+                                               for p in r["replicas"]))] if r["data_parallel_size"] > 1 else []
     peak_gpu = "n/a (not CUDA)" if r["peak_gpu_memory_bytes"] is None else f"{r['peak_gpu_memory_bytes'] / gib:.2f} GiB"
     lines = [
         ("model / size / cfg", f"{r['model']} / {r['size']} ({r['num_scales']} scales) / {r['cfg']:g} "
@@ -300,6 +343,7 @@ def format_table(r: dict) -> str:
         ("images", f"{r['num_requests']} (after {r['warmup_images']} warmup)"),
         ("wall time", f"{r['elapsed_time']:.2f} s (text encoder {r['text_encoder_time_s']:.2f} s, {t5})"),
         ("throughput", f"{r['images_per_second']:.3f} images/s (text encoder {t5})"),
+        *per_replica,
         ("  with / without text encoder", f"{r['images_per_second_with_text_encoder']:.3f} / "
                                           f"{r['images_per_second_without_text_encoder']:.3f} images/s"),
         ("scale tokens/s (all rows)", f"{r['scale_tokens_per_second']:,.0f}"),

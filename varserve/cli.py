@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from varserve.cache.calibration import add_parser as add_calibrate_parser
+
 logger = logging.getLogger("varserve")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p, default in ((parser, "INFO"), (common, argparse.SUPPRESS)):  # a subcommand's copy only overrides
         p.add_argument("--log-level", default=default, type=str.upper, choices=LOG_LEVELS,
                        help="logging level of the messages written to stderr (default: INFO)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,calibrate,serve}")
 
     gen = sub.add_parser("generate", parents=[common], help="generate images from prompts into PNG files",
                          description="Generate one image per prompt; writes OUT/<index>_<slug>.png and prints "
@@ -63,9 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-json", type=Path,
                        help="result file (default: benchmarks/results/bench-<model>-<policy>-<batching>-<utc>.json)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                       help="N engine replicas in their own processes, one per GPU (cuda:0..N-1; N CPU replicas "
+                            "with --device cpu); reports per-replica and total images/s (default: 1)")
     _sampling_args(bench)
     _engine_args(bench)
     bench.set_defaults(func=cmd_bench)
+    add_calibrate_parser(sub, [common])
+
+    from varserve.server import add_serve_parser  # imported here: varserve.server imports this module
+
+    add_serve_parser(sub, common)
     return parser
 
 
@@ -83,6 +93,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine (defaults: Engine / EngineConfig)")
     g.add_argument("--model", default="tiny", help="preset (tiny, infinity-2b, infinity-8b, ...) or weights path")
     g.add_argument("--weights", help="local folder or file of official weights (else downloaded)")
+    g.add_argument("--kv-calibration", help="scalekv/heatkv calibration JSON (varserve calibrate)")
     g.add_argument("--random-weights", action="store_true", default=None, help="random weights, no download")
     g.add_argument("--kv-policy", help="KV cache policy (default: full)")
     g.add_argument("--kv-budget", type=float, help="fraction of the full KV history kept (default: 1.0)")
@@ -105,15 +116,16 @@ def _device(text: str) -> str:
 
 
 _ENGINE_KEYS = ("kv_policy", "kv_budget", "device", "dtype", "gpu_memory_utilization", "max_num_seqs",
-                "max_num_batched_tokens", "page_size", "num_pages", "random_weights", "weights", "attention_backend")
+                "max_num_batched_tokens", "page_size", "num_pages", "random_weights", "weights", "attention_backend",
+                "kv_calibration")
 _SAMPLING_KEYS = ("size", "cfg", "tau", "top_p")
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace, **overrides):
     from varserve.engine import Engine
 
     kwargs = {k: getattr(args, k) for k in _ENGINE_KEYS if getattr(args, k) is not None}
-    return Engine(args.model, **kwargs)
+    return Engine(args.model, **kwargs, **overrides)
 
 
 def _sampling(args: argparse.Namespace, **extra):
@@ -196,13 +208,19 @@ def cmd_bench(args: argparse.Namespace, command: str | None = None) -> int:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.data_parallel < 1:
+        raise UsageError(f"--data-parallel must be >= 1, got {args.data_parallel}")
     params = _sampling(args)
-    engine = _engine(args)
-    result = run_benchmark(
-        engine, num_prompts=args.num_prompts, params=params, batching=args.batching, warmup=args.warmup,
-        exclude_text_encoder=args.exclude_text_encoder, seed=args.seed, command=command,
-        use_tqdm=not args.no_progress,
-    )
+    engine = _engine(args, data_parallel_size=args.data_parallel)
+    try:
+        result = run_benchmark(
+            engine, num_prompts=args.num_prompts, params=params, batching=args.batching, warmup=args.warmup,
+            exclude_text_encoder=args.exclude_text_encoder, seed=args.seed, command=command,
+            use_tqdm=not args.no_progress,
+        )
+    finally:
+        if args.data_parallel > 1:
+            engine.shutdown()  # stops the replica processes
     path = write_json(result, args.output_json or default_output_path(args.model, result["kv_policy"], args.batching))
     print(format_table(result))
     print(f"Throughput: {result['requests_per_second']:.3f} requests/s, {result['tokens_per_second']:.1f} "

@@ -28,6 +28,8 @@ class EngineConfig(BaseModel):
     weights: str | None = None  # local folder or file of official weights (else downloaded)
     attention_backend: str | None = None
     seed: int = Field(0, ge=0)  # seeds random weights; image seeds come from SamplingParams
+    kv_calibration: str | None = None  # scalekv/heatkv: JSON written by `varserve calibrate`
+    data_parallel_size: int = Field(1, ge=1)  # engine replicas, one per GPU (varserve/parallel.py)
 
     @field_validator("kv_policy")
     @classmethod

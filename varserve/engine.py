@@ -7,7 +7,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -37,8 +37,17 @@ class Engine:
     gpu_memory_utilization: share of the device memory the engine may use (weights, activations, pages).
     max_num_seqs / max_num_batched_tokens: running requests, and query tokens of one step, at most.
     page_size: tokens per page (one head of one layer of one row). random_weights: no download.
-    Other keyword arguments: see `EngineConfig` (num_pages, weights_path, attention_backend, seed).
+    data_parallel_size: N > 1 builds a `varserve.parallel.DataParallelEngine` instead: N replicas of this
+        engine in their own processes, one per GPU, behind the same API (1: this engine, no overhead).
+    Other keyword arguments: see `EngineConfig` (num_pages, weights, attention_backend, seed, kv_calibration).
     """
+
+    def __new__(cls, *args: Any, data_parallel_size: int = 1, **kwargs: Any) -> "Engine":
+        if cls is Engine and data_parallel_size != 1:
+            from varserve.parallel import DataParallelEngine  # imported here: it imports this module
+
+            cls = DataParallelEngine
+        return super().__new__(cls)
 
     def __init__(
         self, model: str = "tiny", *, kv_policy: str = "full", kv_budget: float = 1.0, device: str | None = None,
@@ -52,7 +61,7 @@ class Engine:
             max_num_batched_tokens=max_num_batched_tokens, page_size=page_size, random_weights=random_weights,
             **kwargs,
         )
-        self.policy = make_policy(self.config.kv_policy, self.config.kv_budget)
+        self.policy = make_policy(self.config.kv_policy, self.config.kv_budget, self.config.kv_calibration)
         self.runner = ModelRunner(self.config, self.policy)
         self.model_config = self.runner.model_config
         self.allocator = BlockAllocator(self.runner.num_pages)

@@ -9,7 +9,12 @@ from torch import Tensor
 
 from varserve.attention import paged_attention, slot_mapping, upload, write_kv
 from varserve.cache.block_manager import BlockManager
+from varserve.cache.plan import ScoredCut, StaticCut
+from varserve.cache.scalekv import select_kept
 from varserve.scheduler.request import Request
+
+Moves = tuple[Tensor, Tensor, Tensor, Tensor]  # (row, head, from position, to position), int64 [N] each
+SCORE_CHUNK_BYTES = 256 * 2**20  # ScaleKV scores rows in chunks: bounds the fp32 copy of their gathered keys
 
 
 class KVPool:
@@ -24,11 +29,27 @@ class KVPool:
     def page_bytes(page_size: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * page_size * head_dim * torch.empty(0, dtype=dtype).element_size()
 
+    def slots(self, table: Tensor, rows: Tensor, heads: Tensor, positions: Tensor) -> Tensor:
+        """int64 flat slots of token `positions` of (rows, heads) through a layer's block table [R, H, pages]
+        (all index tensors broadcast together)."""
+        pages = table[rows, heads, positions // self.page_size].long()
+        return pages * self.page_size + positions % self.page_size
+
+    def move(self, table: Tensor, moves: Moves) -> None:
+        """Copy K and V of token `from` to position `to` of every (row, head) listed; all tokens are read
+        before any is written, so a cut can move kept tokens down over dropped ones in one call."""
+        rows, heads, src, dst = moves
+        src_slots, dst_slots = self.slots(table, rows, heads, src), self.slots(table, rows, heads, dst)
+        for pages in (self.k_pages, self.v_pages):
+            flat = pages.view(-1, pages.shape[-1])
+            flat.index_copy_(0, dst_slots, flat.index_select(0, src_slots))
+
 
 class PagedKV:
     """Self-attention over pages for one step. For each layer: the block manager grows the tables of
     every request (history + current scale), the current K/V are written into their slots, the rows
-    attend through their block tables, then the tables are cut to what the policy keeps."""
+    attend through their block tables, the kept tokens of non-prefix cuts are moved to the front of their
+    tables (on the device, batched over the step's rows), then the tables are cut to what the policy keeps."""
 
     def __init__(self, pool: KVPool, blocks: BlockManager, reqs: list[Request], backend: str | None):
         self.pool, self.blocks, self.reqs, self.backend = pool, blocks, reqs, backend
@@ -36,9 +57,10 @@ class PagedKV:
         self.max_seqlen = max(row_lengths)
         # Host copies: the attention backends plan on the host, and host metadata spares a device sync.
         self.cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(row_lengths)]), dtype=torch.int32)
+        self.first_row = np.cumsum([0] + [r.rows for r in reqs])[:-1]
 
     def wants_raw_query(self, layer: int) -> bool:
-        return False
+        return any(isinstance(r.plan.cut(r.scale, layer), ScoredCut) for r in self.reqs)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
         pages = self.blocks.begin_layer(self.reqs, layer)
@@ -49,6 +71,54 @@ class PagedKV:
             q, self.pool.k_pages, self.pool.v_pages, table, torch.from_numpy(pages.seqlens),
             self.cu_seqlens, self.max_seqlen, int(pages.seqlens.max()), 1.0, backend=self.backend,
         )
+        self._compact(layer, table, raw_q)
         self.blocks.end_layer(self.reqs, layer)
         return out
 
+    def _compact(self, layer: int, table: Tensor, raw_q: Tensor | None) -> None:
+        """Move the kept tokens of every non-prefix cut to positions [0, kept): rows that share a cut form one
+        group, and all groups' moves go in one gather and one scatter per pool."""
+        static: dict[int, tuple[StaticCut, list[int]]] = {}
+        scored: dict[ScoredCut, list[int]] = {}
+        for req, first in zip(self.reqs, self.first_row):
+            cut, rows = req.plan.cut(req.scale, layer), list(range(first, first + req.rows))
+            if isinstance(cut, StaticCut):
+                static.setdefault(id(cut), (cut, []))[1].extend(rows)
+            elif isinstance(cut, ScoredCut):
+                scored.setdefault(cut, []).extend(rows)
+        moves = [self._static_moves(cut, rows, table.device) for cut, rows in static.values()]
+        moves += [self._scored_moves(cut, rows, table, raw_q) for cut, rows in scored.items()]
+        if moves:
+            self.pool.move(table, tuple(torch.cat(m) for m in zip(*moves)))
+
+    @staticmethod
+    def _static_moves(cut: StaticCut, rows: list[int], device: torch.device) -> Moves:
+        """The cut's runs expanded to tokens on the device, for every row of the group."""
+        heads, src, dst, length = (upload(x, device) for x in (cut.heads, cut.src, cut.dst, cut.length))
+        run = torch.repeat_interleave(torch.arange(len(cut.length), device=device), length, output_size=cut.tokens)
+        offset = torch.arange(cut.tokens, device=device) - (torch.cumsum(length, 0) - length)[run]
+        row = upload(np.asarray(rows, dtype=np.int64), device)[:, None]
+        return _flat_moves(row, heads[run][None], (src[run] + offset)[None], (dst[run] + offset)[None])
+
+    def _scored_moves(self, cut: ScoredCut, rows: list[int], table: Tensor, raw_q: Tensor) -> Moves:
+        """ScaleKV's selection for a group of rows, in chunks of rows that bound the gathered keys' size."""
+        device, heads, d = table.device, table.shape[1], self.pool.k_pages.shape[-1]
+        chunk = max(1, SCORE_CHUNK_BYTES // (heads * cut.attend_len * d * 4))
+        kept = torch.cat([self._select(cut, rows[i : i + chunk], table, raw_q) for i in range(0, len(rows), chunk)])
+        row = upload(np.asarray(rows, dtype=np.int64), device)[:, None, None]
+        return _flat_moves(row, torch.arange(heads, device=device)[None, :, None], kept,
+                           torch.arange(cut.capacity, device=device))
+
+    def _select(self, cut: ScoredCut, rows: list[int], table: Tensor, raw_q: Tensor) -> Tensor:
+        device = table.device
+        row = upload(np.asarray(rows, dtype=np.int64), device)[:, None, None]
+        head = torch.arange(table.shape[1], device=device)[None, :, None]
+        slots = self.pool.slots(table, row, head, torch.arange(cut.attend_len, device=device))
+        keys = self.pool.k_pages.view(-1, self.pool.k_pages.shape[-1])[slots]
+        tokens = self.cu_seqlens[rows].numpy().astype(np.int64)[:, None] + np.asarray(cut.window)
+        return select_kept(keys, raw_q[upload(tokens, device)], cut)
+
+
+def _flat_moves(rows: Tensor, heads: Tensor, src: Tensor, dst: Tensor) -> Moves:
+    """The four index tensors broadcast together, flattened."""
+    return tuple(x.reshape(-1) for x in torch.broadcast_tensors(rows, heads, src, dst))
