@@ -28,6 +28,9 @@ MODEL = ModelConfig(
     pool_head_dim=16, vae="shapes", text_encoder="shapes",
 )
 IMAGE_SIZE = "512x512"
+# What the registered preset's WeightFiles.repo_id could say: the weights ship inside the package, in
+# varserve/weights/shapes/ (transformer.safetensors, vae.safetensors, text_encoder/, config.json).
+WEIGHTS_REPO = "varserve/weights/shapes"
 
 
 def schedule() -> ScaleSchedule:
@@ -66,6 +69,7 @@ def preset_lines(model: ModelConfig = MODEL, vae: VAEConfig = VAE, text: TextEnc
         f'd_vae={model.d_vae}, text_dim={model.text_dim},',
         f'        text_maxlen={model.text_maxlen}, block_chunks={model.block_chunks}, '
         f'pool_head_dim={model.pool_head_dim}, vae="{model.vae}", text_encoder="{model.text_encoder}",',
+        f'        weights=WeightFiles("{WEIGHTS_REPO}", "transformer.safetensors", "vae.safetensors", "text_encoder"),',
         "    ),",
         "# varserve/models/vae.py, in VAE_PRESETS:",
         f'    "{vae.name}": VAEConfig("{vae.name}", codebook_dim={vae.codebook_dim}, channels={vae.channels}, '
