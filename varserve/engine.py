@@ -79,12 +79,7 @@ class Engine:
         self, prompt: str, params: SamplingParams | None = None, *, request_id: str | None = None, priority: int = 0,
     ) -> str:
         """Queue one image; returns its request id. ValueError for input that can never run."""
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        params, request_id = checked_request(prompt, params, request_id)
         if self.scheduler.find(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.runner.check_prompt(prompt, params.negative_prompt)
@@ -248,6 +243,16 @@ class Engine:
             (self.allocator.num_total - 1) * self.runner.page_bytes / 2**30, self.policy.name, self.config.kv_budget,
             schedule.name, peak, peak * self.runner.page_bytes / 2**20, (self.allocator.num_total - 1) // max(peak, 1),
         )
+
+
+def checked_request(prompt: str, params: SamplingParams | None, request_id: str | None) -> tuple[SamplingParams, str]:
+    """(params, request id) of a request, defaults filled in; ValueError for a bad prompt or params type."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    params = params if params is not None else SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+    return params, request_id if request_id is not None else uuid.uuid4().hex
 
 
 def _normalize_inputs(

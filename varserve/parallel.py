@@ -36,7 +36,6 @@ import pickle
 import signal
 import sys
 import time
-import uuid
 from collections import deque
 from datetime import timedelta
 from multiprocessing import connection
@@ -50,7 +49,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from varserve.config import EngineConfig
-from varserve.engine import Engine
+from varserve.engine import Engine, checked_request
 from varserve.outputs import ImageMetrics, ImageOutput
 from varserve.params import SamplingParams
 
@@ -119,12 +118,7 @@ class DataParallelEngine(Engine):
         """Queue one image on the least-loaded replica; returns its request id. ValueError for bad input,
         RuntimeError when no replica is left."""
         self._check_open()
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        params, request_id = checked_request(prompt, params, request_id)
         if request_id in self._routed:
             raise ValueError(f"request id {request_id!r} is already in use")
         while (replica := self._least_loaded()) is not None:  # a replica lost meanwhile: try the next
