@@ -54,3 +54,17 @@ def test_bad_input_raises_value_error(engine: Engine) -> None:
     front = AsyncEngine(engine)
     with pytest.raises(ValueError, match="token limit"):
         asyncio.run(front.generate("x" * 500, SamplingParams(size=SMALL)))
+
+
+def test_reused_request_id_does_not_drop_the_newer_call(engine: Engine) -> None:
+    front = AsyncEngine(engine)
+
+    async def run() -> None:
+        params = SamplingParams(size=SMALL, seed=6)
+        first = asyncio.create_task(front.generate("one", params, request_id="same"))
+        await first
+        second = await asyncio.wait_for(front.generate("two", params, request_id="same"), 120)
+        assert second.prompt == "two"
+
+    asyncio.run(asyncio.wait_for(run(), 180))
+    assert engine.cache_stats()["used_pages"] == 0

@@ -136,20 +136,34 @@ def test_token_budget_limits_admission_and_rejects_oversized() -> None:
 
 def test_preemption_is_a_counted_fallback_and_recomputes_the_same_image(monkeypatch) -> None:
     engine = Engine("tiny", dtype="float64", num_pages=40000, page_size=PAGE)
-    params = SamplingParams(size="256x256", seed=9)
-    expected = np.asarray(engine.generate("p", params, use_tqdm=False)[0].image)
-    engine.add_request("p", params, request_id="victim")
+    params = {rid: SamplingParams(size="256x256", seed=seed) for rid, seed in (("old", 8), ("victim", 9))}
+    expected = {rid: np.asarray(engine.generate("p", p, use_tqdm=False)[0].image) for rid, p in params.items()}
+    for rid, p in params.items():
+        engine.add_request("p", p, request_id=rid)
     engine.step()
     engine.step()
     calls = iter([False])
     real = engine.block_manager.can_run_step
     monkeypatch.setattr(engine.block_manager, "can_run_step", lambda reqs: next(calls, True) and real(reqs))
-    outputs = []
-    while engine.has_unfinished_requests():
-        outputs += engine.step()
-    assert outputs[0].metrics.num_preemptions == 1
-    np.testing.assert_array_equal(np.asarray(outputs[0].image), expected)
+    outputs = {}
+    for _ in range(100):
+        outputs.update({o.request_id: o for o in engine.step()})
+        if not engine.has_unfinished_requests():
+            break
+    assert outputs["victim"].metrics.num_preemptions == 1 and outputs["old"].metrics.num_preemptions == 0
+    for rid, image in expected.items():
+        np.testing.assert_array_equal(np.asarray(outputs[rid].image), image)
     assert engine.cache_stats()["used_pages"] == 0
+
+
+def test_a_step_that_can_never_fit_fails_instead_of_looping(monkeypatch) -> None:
+    engine = Engine("tiny", num_pages=4000, page_size=PAGE)
+    engine.add_request("p", SamplingParams(size="256x256", seed=1), request_id="stuck")
+    monkeypatch.setattr(engine.block_manager, "can_run_step", lambda reqs: False)
+    outputs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("stuck", "failed")]
+    assert "KV page pool" in outputs[0].error
+    assert not engine.has_unfinished_requests() and engine.cache_stats()["used_pages"] == 0
 
 
 def test_admission_is_staggered_by_lifetime_tokens() -> None:

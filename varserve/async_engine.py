@@ -42,10 +42,12 @@ class AsyncEngine:
         try:
             out = await future
         except asyncio.CancelledError:
-            await asyncio.shield(self.abort(rid))  # shielded: a second cancel must not leave its pages held
+            if self._waiters.get(rid) is future:  # shielded: a second cancel must not leave its pages held
+                await asyncio.shield(self.abort(rid))
             raise
         finally:
-            self._waiters.pop(rid, None)
+            if self._waiters.get(rid) is future:  # the id may already serve a newer call: leave that one alone
+                del self._waiters[rid]
         if out.error:
             raise RuntimeError(f"request {rid} failed: {out.error}")
         return out

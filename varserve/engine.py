@@ -120,9 +120,9 @@ class Engine:
     def step(self) -> list[ImageOutput]:
         """Run the next scale of every running request; return the requests that ended in this step
         (finished, or failed with `error` set and no image)."""
+        reqs = self._schedule()
         outputs = list(self._outbox)
         self._outbox.clear()
-        reqs = self._schedule()
         if not reqs:
             return outputs
         try:
@@ -137,12 +137,15 @@ class Engine:
     def _schedule(self) -> list[Request]:
         reqs = self.scheduler.schedule()
         while reqs and not self.block_manager.can_run_step(reqs):  # never expected: admission is exact
+            if len(reqs) == 1:  # alone and still too big: the pool is not what admission assumed
+                self._outbox.append(self._fail(reqs[0], "its next step does not fit in the KV page pool"))
+                return []
             victim = max(self.scheduler.running, key=Request.sort_key)
             logger.warning("preempting %s (recompute): pages do not fit", victim.request_id)
             self.block_manager.release(victim)
             self.runner.release(victim.request_id)
             self.scheduler.preempt(victim)
-            reqs = self.scheduler.schedule()
+            reqs = self.scheduler.schedule(admit=False)
         now = time.monotonic()
         for req in reqs:
             if req.tables is None:

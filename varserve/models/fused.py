@@ -78,7 +78,9 @@ def cosine_qkv(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Tensor, cos
     """qkv [T, 3, H, d] (no bias) -> q, k, v [T, H, d]: biases, L2-normalised q (times the per-head scale
     q_scale [H, 1]) and k in q_scale's precision, 2D RoPE on both, cast to dtype. On CUDA one Triton
     program per token does it all (torch.compile's fusion of this ran ~8x under memory bandwidth)."""
-    if qkv.is_cuda and triton is not None and os.environ.get("VARSERVE_COMPILE", "1") != "0":
+    half = qkv.shape[-1] // 2
+    fits_kernel = half & (half - 1) == 0 and q_scale.dtype == torch.float32  # power-of-2 pairs, fp32 math
+    if qkv.is_cuda and triton is not None and fits_kernel and os.environ.get("VARSERVE_COMPILE", "1") != "0":
         return _cosine_qkv_triton(qkv, q_bias, v_bias, q_scale, cos, sin, dtype)
     return cosine_qkv_eager(qkv, q_bias, v_bias, q_scale, cos, sin, dtype)
 

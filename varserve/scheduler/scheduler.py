@@ -54,10 +54,11 @@ class Scheduler:
         self.waiting.append(req)
         self.waiting.sort(key=Request.sort_key)
 
-    def schedule(self) -> list[Request]:
-        """Admit what fits (in order, stopping at the first that does not) and return the step's requests."""
+    def schedule(self, admit: bool = True) -> list[Request]:
+        """Admit what fits (in order, stopping at the first that does not) and return the step's requests.
+        admit=False returns the running requests only (after a preemption, nothing joins in the same step)."""
         admitted_tokens = 0
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+        while admit and self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             lifetime = int(req.remaining_tokens.sum())
             if admitted_tokens and admitted_tokens + lifetime > self.config.max_num_batched_tokens:
@@ -86,9 +87,10 @@ class Scheduler:
     def preempt(self, req: Request) -> None:
         """Recompute-only preemption: the request starts again from scale 0 (same seed, same image)."""
         self.running.remove(req)
-        req.scale, req.status = 0, RequestStatus.WAITING
+        req.scale, req.status, req.peak_pages, req.page_samples = 0, RequestStatus.WAITING, 0, []
         req.num_preemptions += 1
-        self.waiting.insert(0, req)
+        self.waiting.append(req)
+        self.waiting.sort(key=Request.sort_key)
 
     def find(self, request_id: str) -> Request | None:
         return next((r for r in self.running + self.waiting if r.request_id == request_id), None)
