@@ -46,10 +46,6 @@ class Request:
     error: str | None = None
 
     @property
-    def is_finished(self) -> bool:
-        return self.status in (RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.FAILED)
-
-    @property
     def remaining_held(self) -> np.ndarray:
         return self.held[self.scale :]
 
