@@ -1,4 +1,5 @@
-"""Command line: `varserve generate` (prompts to PNG files) and `varserve bench` (offline throughput).
+"""Command line: `varserve generate` (prompts to PNG files), `varserve bench` (offline throughput), `varserve
+calibrate` and `varserve eval-fidelity` (KV policies against the full cache; varserve/fidelity.py).
 
 Run `varserve <command> --help` for the options. Bad input exits with code 2 and a one-line message; a
 failed image exits with code 1.
@@ -18,6 +19,7 @@ from typing import Sequence
 import torch
 
 from varserve.cache.calibration import add_parser as add_calibrate_parser
+from varserve.fidelity import add_parser as add_fidelity_parser
 
 logger = logging.getLogger("varserve")
 
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p, default in ((parser, "INFO"), (common, argparse.SUPPRESS)):  # a subcommand's copy only overrides
         p.add_argument("--log-level", default=default, type=str.upper, choices=LOG_LEVELS,
                        help="logging level of the messages written to stderr (default: INFO)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,calibrate,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,calibrate,eval-fidelity,serve}")
 
     gen = sub.add_parser("generate", parents=[common], help="generate images from prompts into PNG files",
                          description="Generate one image per prompt; writes OUT/<index>_<slug>.png and prints "
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(bench)
     bench.set_defaults(func=cmd_bench)
     add_calibrate_parser(sub, [common])
+    add_fidelity_parser(sub, [common])
 
     from varserve.server import add_serve_parser  # imported here: varserve.server imports this module
 
