@@ -100,6 +100,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true", default=None, help="random weights, no download")
     g.add_argument("--kv-policy", help="KV cache policy (default: full)")
     g.add_argument("--kv-budget", type=float, help="fraction of the full KV history kept (default: 1.0)")
+    engine_resource_args(g)
+
+
+def engine_resource_args(g: argparse._ArgumentGroup) -> None:
+    """Device, dtype, memory and batching limits of an engine (shared by the subcommands that build one)."""
     g.add_argument("--device", type=_device, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--gpu-memory-utilization", type=float, help="share of device memory to use (default: 0.9)")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import math
 import re
@@ -93,18 +92,9 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---- the run --------------------------------------------------------------------------------------------
 def _calibration_policy(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"--kv-calibration file {str(path)!r} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read --kv-calibration file {str(path)!r}: {exc}") from None
-    policy = data.get("policy") if isinstance(data, dict) else None
-    if not isinstance(policy, str):
-        raise ValueError(f"--kv-calibration file {str(path)!r} names no policy (not a `varserve calibrate` file)")
-    return policy
+    from varserve.cache.calibration import load_calibration
+
+    return None if path is None else load_calibration(path)["policy"]
 
 
 def plan_runs(policies: Sequence[str], budgets: Sequence[float], kv_calibration: str | None
@@ -287,15 +277,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     g.add_argument("--tau", type=float, help="sampling temperature of the bits")
     g.add_argument("--top-p", type=float, help="top-p of the bits (0 disables)")
-    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
-                   help="default: bfloat16 on CUDA, float32 on CPU")
-    g.add_argument("--gpu-memory-utilization", type=float, help="share of device memory to use (default: 0.9)")
-    g.add_argument("--max-num-seqs", type=int, help="running images at most (default: 64)")
-    g.add_argument("--max-num-batched-tokens", type=int, help="query tokens of one step at most")
-    g.add_argument("--page-size", type=int, help="tokens per KV page (default: 32)")
-    g.add_argument("--num-pages", type=int, help="fix the KV pool size in pages (default: sized from memory)")
-    g.add_argument("--attention-backend", help="paged attention backend (default: automatic)")
+    from varserve.cli import engine_resource_args  # imported here: cli.py imports this module
+
+    engine_resource_args(g)
     p.set_defaults(func=cmd_eval_fidelity)
 
 

@@ -15,15 +15,23 @@ from varserve.models.config import ModelConfig
 POLICIES = ("scalekv", "heatkv")
 
 
-def read_calibration(path: str | Path, policy: str, cfg: ModelConfig) -> dict:
-    """The calibration file's content; ValueError if it is missing, unreadable, for another policy or model."""
+def load_calibration(path: str | Path) -> dict:
+    """A `varserve calibrate` file's content; ValueError if it is missing, unreadable or names no policy."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"kv_calibration file {str(path)!r} does not exist") from None
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read kv_calibration file {str(path)!r}: {exc}") from None
-    if not isinstance(data, dict) or data.get("policy") != policy:
+    if not isinstance(data, dict) or not isinstance(data.get("policy"), str):
+        raise ValueError(f"kv_calibration file {str(path)!r} names no policy (not a `varserve calibrate` file)")
+    return data
+
+
+def read_calibration(path: str | Path, policy: str, cfg: ModelConfig) -> dict:
+    """The calibration file's content; ValueError if it is missing, unreadable, for another policy or model."""
+    data = load_calibration(path)
+    if data.get("policy") != policy:
         found = data.get("policy") if isinstance(data, dict) else None
         raise ValueError(f"kv_calibration file {str(path)!r} is a {found!r} calibration, not {policy!r}")
     if (data.get("depth"), data.get("num_heads")) != (cfg.depth, cfg.num_heads):
