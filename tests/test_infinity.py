@@ -63,19 +63,12 @@ def randn(seed: int, *shape: int) -> Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-class RowsKV:
+class RowsKV(DenseKV):
     """Self-attention K/V of a packed call whose rows each own a DenseKV of one row (as the engine's pages)."""
 
     def __init__(self, rows: list[DenseKV]) -> None:
         self.rows = rows
         self.spans: list[tuple[int, int]] = []
-
-    def begin(self, row_lengths: list[int]) -> None:
-        starts = [sum(row_lengths[:i]) for i in range(len(row_lengths))]
-        self.spans = [(s, s + n) for s, n in zip(starts, row_lengths)]
-
-    def wants_raw_query(self, layer: int) -> bool:
-        return False
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
         out = []
