@@ -11,7 +11,9 @@ from varserve.models.text_encoder import (
     TEXT_ENCODER_PRESETS,
     ByteTokenizer,
     HFTokenizer,
+    SmallTextEncoder,
     TextEncoder,
+    WordTokenizer,
 )
 
 TINY = TEXT_ENCODER_PRESETS["tiny"]
@@ -132,7 +134,7 @@ def test_hf_folder_with_wrong_width(t5_folder):
 def test_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TextEncoder.load(SMALL_FLAN, tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="neither a Hugging Face T5 folder"):
         TextEncoder.load(SMALL_FLAN, tmp_path)
 
 
@@ -161,3 +163,64 @@ def test_download_failure_explains_the_local_path(monkeypatch):
     assert "google/flan-t5-xl" in message and "model*.safetensors" in message
     assert "hf download google/flan-t5-xl" in message
     assert "TextEncoder.load(config, path=" in message and "weights=" in message
+
+
+# ---- the small word-level encoder of models trained here --------------------------------------------------------
+
+SMALL = replace(TINY, name="small-test", max_length=16, num_layers=2, architecture="small")
+
+
+def test_word_tokenizer_splits_words_and_marks_and_refuses_unknown_words(tmp_path):
+    tok = WordTokenizer(["a", "cat", ",", "dog"])
+    assert tok.token_ids(["A cat, a DOG", ""]) == [[3, 4, 5, 3, 6, 1], [1]]
+    with pytest.raises(ValueError, match="prompt 1 has words this model was not trained on: bird, zebra"):
+        tok.token_ids(["a cat", "a zebra, a bird"])
+    tok.save_pretrained(tmp_path)
+    assert WordTokenizer.from_pretrained(tmp_path).words == tok.words
+    with pytest.raises(ValueError, match="twice"):
+        WordTokenizer(["a", "a"])
+
+
+def test_architecture_is_checked():
+    with pytest.raises(ValueError, match="architecture must be"):
+        replace(TINY, architecture="bert")
+
+
+def plain_small_encoder(model: SmallTextEncoder, ids: torch.Tensor) -> torch.Tensor:
+    """Pre-norm encoder layers written out in float64: x += MHA(LN(x)); x += FFN(LN(x)); final LN."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    x = sd["embed.weight"][ids] + sd["positions"][: ids.shape[1]]
+    heads, d = model.config.num_heads, model.config.d_model
+    ln = torch.nn.functional.layer_norm
+    for i in range(model.config.num_layers):
+        p = {k.split(f"layers.layers.{i}.", 1)[1]: v for k, v in sd.items() if k.startswith(f"layers.layers.{i}.")}
+        h = ln(x, (d,), p["norm1.weight"], p["norm1.bias"], 1e-5)
+        q, k, v = (h @ p["self_attn.in_proj_weight"].T + p["self_attn.in_proj_bias"]).chunk(3, -1)
+        q, k, v = (t.view(*t.shape[:2], heads, -1).transpose(1, 2) for t in (q, k, v))
+        att = ((q @ k.transpose(-1, -2)) / (d // heads) ** 0.5).softmax(-1) @ v
+        x = x + att.transpose(1, 2).reshape(x.shape) @ p["self_attn.out_proj.weight"].T + p["self_attn.out_proj.bias"]
+        h = ln(x, (d,), p["norm2.weight"], p["norm2.bias"], 1e-5)
+        f = torch.nn.functional.gelu(h @ p["linear1.weight"].T + p["linear1.bias"])
+        x = x + f @ p["linear2.weight"].T + p["linear2.bias"]
+    return ln(x, (d,), sd["layers.norm.weight"], sd["layers.norm.bias"], 1e-5)
+
+
+def test_small_encoder_equals_a_plain_float64_encoder_and_ignores_padding(tmp_path):
+    tok = WordTokenizer(WORDS)
+    encoder = TextEncoder.load(SMALL, tokenizer=tok)
+    with torch.no_grad():  # random layer norms and biases too, so every parameter matters
+        for p in encoder.model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    prompts = ["a cat on a mat", "a photo of a dog in the snow", "the dog"]
+    batch = encoder.encode(prompts)
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor(tok.token_ids([prompt]))
+        want = plain_small_encoder(encoder.model, ids)[0]
+        got = batch.features[batch.cu_seqlens[i]:batch.cu_seqlens[i + 1]]
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    encoder.save_pretrained(tmp_path)
+    loaded = TextEncoder.load(SMALL, tmp_path)
+    assert isinstance(loaded.model, SmallTextEncoder) and loaded.tokenizer.words == tok.words
+    assert torch.equal(loaded.encode(prompts).features, batch.features)
+    with pytest.raises(ValueError, match="over the 16-token limit"):
+        loaded.encode([" ".join(["a"] * 16)])

@@ -1,8 +1,8 @@
 """Configs of the shipped small model ("shapes"), until they are registered with the serving presets.
 
-The transformer is Infinity's architecture at depth 8, width 256 (4 heads of 64), 16 bits per token; the VAE decoder
-is the `tiny` preset's shape (stride 16, 16 bits); the text encoder is a byte-level T5 of width 64 (trained with
-the transformer: a random T5's features hardly depend on word order, see train.py). Images are 512x512: the 1:1
+The transformer is Infinity's architecture at depth 7, width 256 (4 heads of 64), 16 bits per token (depth 7 keeps
+the three weight files under 20 MB in bf16); the VAE decoder is the `tiny` preset's shape (stride 16, 16 bits); the
+text encoder is a `SmallTextEncoder` of width 64 over the prompts' words (trained here, see train.py). Images are 512x512: the 1:1
 schedule of the 512 budget, 10 scales, 2521 tokens, last grid 32x32.
 
 When `varserve.models.config.PRESETS`, `vae.VAE_PRESETS` or `text_encoder.TEXT_ENCODER_PRESETS` hold an entry of the
@@ -22,9 +22,10 @@ NAME = "shapes"
 
 VAE = VAEConfig("shapes", codebook_dim=16, channels=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, stride=16,
                 patchify=False)
-TEXT_ENCODER = TextEncoderConfig(name="shapes", d_model=64, max_length=128, num_layers=4, num_heads=4, d_ff=256)
+TEXT_ENCODER = TextEncoderConfig(name="shapes", d_model=64, max_length=40, num_layers=4, num_heads=4, d_ff=256,
+                                 architecture="small")
 MODEL = ModelConfig(
-    name="shapes", depth=8, width=256, num_heads=4, d_vae=16, text_dim=64, text_maxlen=128, block_chunks=4,
+    name="shapes", depth=7, width=256, num_heads=4, d_vae=16, text_dim=64, text_maxlen=40, block_chunks=7,
     pool_head_dim=16, vae="shapes", text_encoder="shapes",
 )
 IMAGE_SIZE = "512x512"
@@ -78,5 +79,6 @@ def preset_lines(model: ModelConfig = MODEL, vae: VAEConfig = VAE, text: TextEnc
         "# varserve/models/text_encoder.py, in TEXT_ENCODER_PRESETS:",
         f'    "{text.name}": TextEncoderConfig(name="{text.name}", d_model={text.d_model}, '
         f"max_length={text.max_length}, num_layers={text.num_layers},",
-        f"                                num_heads={text.num_heads}, d_ff={text.d_ff}),",
+        f"                                num_heads={text.num_heads}, d_ff={text.d_ff}, "
+        f'architecture="{text.architecture}"),',
     ])

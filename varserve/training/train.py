@@ -7,16 +7,19 @@ export and evaluation):
 1. scenes: a fixed training set of `--num-scenes` scene specs and `--eval-prompts` held-out ones (other seed,
    prompts never in the training set), rendered on the device on demand (see data.py);
 2. VAE: encoder + decoder + multi-scale BSQ (vae_train.py); checkpoint `<work>/vae.pt`;
-3. transformer (+ the byte-level T5 unless --freeze-text-encoder): teacher forcing over all scales
+3. text encoder warm-up (text_train.py): the small word-level encoder learns to parse prompts into scenes;
+4. transformer (+ the text encoder unless --freeze-text-encoder): teacher forcing over all scales
    (transformer_train.py); checkpoint `<work>/transformer.pt` every few minutes;
-4. export `<out>/{transformer.safetensors, vae.safetensors, text_encoder/, config.json}` (bf16 weights);
-5. evaluation: the exported folder is loaded back with varserve's loaders and `reference.generate_dense` (full KV
+5. export `<out>/{transformer.safetensors, vae.safetensors, text_encoder/, config.json}` (bf16 weights);
+6. evaluation: the exported folder is loaded back with varserve's loaders and `reference.generate_dense` (full KV
    cache) draws the held-out prompts; the analytic checker scores the pictures (and, for scale, the ground-truth
    renders and their VAE reconstructions). A sample sheet goes to `<work>/samples_*.png`.
 
-Why the text encoder is trained: the random tiny T5's features hardly depend on word order (swapping "red" and
-"blue" between two objects changes a token's features by ~1%), so a frozen one cannot tell which colour goes with
-which shape and region. The trained T5 has the same architecture and loads with `TextEncoder.load(config, folder)`.
+Why the text encoder is trained, and why it is not a T5: a random encoder's features hardly depend on word order
+(swapping "red" and "blue" between two objects changes a token's features by ~1%), so a frozen one cannot tell which
+colour goes with which region; and a small T5 trained from scratch learnt that binding too slowly (see
+`SmallTextEncoder`). The shipped encoder is a `SmallTextEncoder` over a `WordTokenizer` of the prompts' 28 words;
+it loads with `TextEncoder.load(config, folder)`.
 
 Measured on one H100 (torch 2.11) in shortened runs: the VAE at ~320 whole 512x512 pictures/s (batch 32; the first
 step compiles for ~50 s); the transformer at ~460 images/s (batch 64, 2521 tokens each, peak 20 GiB; ~20 s of
@@ -46,12 +49,13 @@ from varserve.models.generation import ScaleSampling
 from varserve.models.infinity import Infinity
 from varserve.models.reference import generate_dense
 from varserve.models.schedule import get_schedule
-from varserve.models.text_encoder import TextEncoder, TextEncoderConfig
+from varserve.models.text_encoder import TextEncoder, TextEncoderConfig, WordTokenizer
 from varserve.models.vae import BSQVAE, VAEConfig
 from varserve.training import presets
 from varserve.training.common import Budget, autocast, log, param_count
-from varserve.training.data import Scenes, check_images, image_grid, render, sample_scenes, to_uint8
-from varserve.training.transformer_train import TransformerTrainConfig, init_weights, train_transformer
+from varserve.training.data import VOCABULARY, Scenes, check_images, image_grid, render, sample_scenes, to_uint8
+from varserve.training.text_train import TextPretrainConfig, pretrain_text_encoder
+from varserve.training.transformer_train import TransformerTrainConfig, init_weights, prompt_tokens, train_transformer
 from varserve.training.vae_train import Encoder, VAETrainConfig, encode, multiscale_quantize, psnr, train_vae
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -80,7 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decoder trains on crops of this many latent cells (0: whole pictures; see vae_train.py)")
     p.add_argument("--pixel-budget", type=int, default=512, choices=[256, 512],
                    help="512: 10 scales, 2521 tokens, 512x512 (the shipped model); 256: 7 scales (smoke tests)")
-    p.add_argument("--freeze-text-encoder", action="store_true", help="keep the random T5 (see the docstring)")
+    p.add_argument("--text-minutes", type=float, default=0.75, help="text encoder warm-up (ends early when done)")
+    p.add_argument("--freeze-text-encoder", action="store_true",
+                   help="keep the warmed-up text encoder fixed while the transformer trains")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -98,18 +104,18 @@ def _bf16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in state.items()}
 
 
-def export(out: Path, model: Infinity, vae: BSQVAE, t5_encoder: TextEncoder, extra: dict) -> dict[str, int]:
+def export(out: Path, model: Infinity, vae: BSQVAE, text: TextEncoder, extra: dict) -> dict[str, int]:
     """Write the weights folder; returns file sizes in bytes."""
     out.mkdir(parents=True, exist_ok=True)
     save_file(_bf16(model.state_dict()), str(out / "transformer.safetensors"))
     save_file(_bf16(vae.state_dict()), str(out / "vae.safetensors"))
     text_dir = out / "text_encoder"
-    text_model = t5_encoder.model
+    text_model = text.model
     dtype = next(text_model.parameters()).dtype
     text_model.to(torch.bfloat16)
-    t5_encoder.save_pretrained(text_dir)
+    text.save_pretrained(text_dir)
     text_model.to(dtype)
-    meta = {**presets.config_dict(model.cfg, vae.config, t5_encoder.config), **extra}
+    meta = {**presets.config_dict(model.cfg, vae.config, text.config), **extra}
     (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     files = [p for p in out.rglob("*") if p.is_file()]
     return {str(p.relative_to(out)): p.stat().st_size for p in files}
@@ -208,6 +214,31 @@ def reference_accuracy(scenes: Scenes, vae: BSQVAE, encoder: Encoder, scales, im
     return out
 
 
+# ---- phases -----------------------------------------------------------------------------------------------------
+
+
+def _load_checkpoint(path: Path, model: Infinity, text_model: torch.nn.Module, device: torch.device) -> dict:
+    state = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    text_model.load_state_dict(state["text_encoder"])
+    return state
+
+
+def warm_up_text_encoder(text: TextEncoder, scenes: Scenes, eval_scenes: Scenes, max_length: int,
+                         args: argparse.Namespace, device: torch.device) -> dict:
+    def tokens(s: Scenes) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, lengths = prompt_tokens(s.prompts, max_length, text.tokenizer)
+        width = int(lengths.max())
+        mask = np.arange(width)[None] < lengths[:, None]
+        return torch.from_numpy(ids[:, :width].astype(np.int64)).to(device), torch.from_numpy(mask).to(device)
+
+    cfg = TextPretrainConfig(minutes=args.text_minutes, seed=args.seed)
+    stats = pretrain_text_encoder(text.model, *tokens(scenes), scenes, *tokens(eval_scenes), eval_scenes, cfg)
+    log(f"text encoder: {stats['steps']} steps in {stats['seconds']:.0f} s, held-out prompts parsed "
+        f"{stats['held_out_parse_accuracy']:.3f}")
+    return stats
+
+
 # ---- main -------------------------------------------------------------------------------------------------------
 
 
@@ -278,18 +309,19 @@ def main(argv=None) -> dict:
         f"prompt acc {refs['vae_reconstruction']['prompt_acc']:.3f} "
         f"(ground truth {refs['ground_truth']['prompt_acc']:.3f})")
 
-    # 3. transformer
+    # 3. text encoder warm-up, 4. transformer
     torch.manual_seed(args.seed)
     model = Infinity(model_cfg).to(device)
     init_weights(model)
-    text = TextEncoder.load(text_cfg, device=device)  # the random T5 of the preset's seed
-    t5 = text.model.float()
+    text = TextEncoder.load(text_cfg, device=device, tokenizer=WordTokenizer(VOCABULARY))
+    text_model = text.model.float()
     ckpt = work / "transformer.pt"
+    text_stats = {}
     if args.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        t5.load_state_dict(state["t5"])
+        state = _load_checkpoint(ckpt, model, text_model, device)
         log(f"transformer: resumed from {ckpt} (step {state['state']['step']})")
+    else:
+        text_stats = warm_up_text_encoder(text, train_scenes, eval_scenes, model_cfg.text_maxlen, args, device)
     t_minutes = args.transformer_minutes
     if t_minutes is None:
         t_minutes = total.left() / 60 - args.reserve_minutes
@@ -297,38 +329,34 @@ def main(argv=None) -> dict:
                                   train_text_encoder=not args.freeze_text_encoder, image_size=image_size,
                                   compile=not args.no_compile, seed=args.seed)
     try:
-        tstate = train_transformer(model, t5, vae, encoder, train_scenes, scales, schedule.rope_grid, tcfg, device,
+        tstate = train_transformer(model, text, vae, encoder, train_scenes, scales, schedule.rope_grid, tcfg, device,
                                    ckpt)
     except Exception as err:  # keep what was learned: export the last checkpoint's weights
         log(f"transformer: training failed ({type(err).__name__}: {err})")
         if not ckpt.is_file():
             raise
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        t5.load_state_dict(state["t5"])
         from varserve.training.transformer_train import TrainState
-        tstate = TrainState(**state["state"])
+        tstate = TrainState(**_load_checkpoint(ckpt, model, text_model, device)["state"])
         tstate.stopped = f"{type(err).__name__}: {err}"
     if tstate.stopped and ckpt.is_file():  # a non-finite loss: go back to the last good checkpoint
         state = torch.load(ckpt, map_location=device, weights_only=True)
         if all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()):
-            model.load_state_dict(state["model"])
-            t5.load_state_dict(state["t5"])
+            _load_checkpoint(ckpt, model, text_model, device)
 
-    # 4. export
+    # 5. export
     training = {
         "data": {"train_scenes": len(train_scenes), "eval_scenes": len(eval_scenes), "seed": args.seed,
                  "image_size": image_size, "scales": [list(s) for s in scales], "tokens": schedule.total_tokens},
-        "vae": vae_stats, "transformer": asdict(tstate), "transformer_config": asdict(tcfg),
+        "vae": vae_stats, "text_encoder": text_stats, "transformer": asdict(tstate), "transformer_config": asdict(tcfg),
         "params": {"transformer": param_count(model), "vae_decoder": param_count(vae.decoder),
-                   "text_encoder": param_count(t5), "vae_encoder_not_shipped": param_count(encoder)},
+                   "text_encoder": param_count(text_model), "vae_encoder_not_shipped": param_count(encoder)},
         "reference_accuracy": refs,
     }
     sizes = export(out, model, vae, text, {"training": training})
     log(f"exported {out}: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(sizes.items())))
 
-    # 5. evaluation with the real generation path, from the exported files
-    del model, t5
+    # 6. evaluation with the real generation path, from the exported files
+    del model, text_model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     try:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from varserve.models.config import ModelConfig
 from varserve.models.infinity import MAX_LOG_SCALE, Infinity, rope_angles
-from varserve.models.text_encoder import ByteTokenizer
+from varserve.models.text_encoder import TextEncoder, Tokenizer
 from varserve.models.vae import BSQVAE, Hw
 from varserve.training.common import Budget, autocast, log, lr_at, param_count
 from varserve.training.data import Scenes, render
@@ -222,8 +222,8 @@ def bit_loss(logits: Tensor, bits: Tensor, weights: Tensor) -> tuple[Tensor, Ten
 # ---- initialisation ---------------------------------------------------------------------------------------------
 
 
-NO_DECAY = ("cfg_uncond", "pos_start", "lvl_embed", "ada_gss", "scale_mul_1H11", "mat_q", "relative_attention_bias",
-            "shared.weight", "embed_tokens")
+NO_DECAY = ("cfg_uncond", "pos_start", "lvl_embed", "ada_gss", "scale_mul_1H11", "mat_q", "embed.weight",
+            "positions")
 
 
 @torch.no_grad()
@@ -266,10 +266,10 @@ def param_groups(modules: list[tuple[nn.Module, float]], weight_decay: float) ->
 # ---- prompts ----------------------------------------------------------------------------------------------------
 
 
-def prompt_tokens(prompts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Byte-tokenizer ids [N, max_length] (padded with <pad>) and lengths [N] (</s> included)."""
-    ids = ByteTokenizer().token_ids(prompts)
-    out = np.full((len(ids), max_length), ByteTokenizer.pad_id, np.int16)
+def prompt_tokens(prompts: list[str], max_length: int, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [N, max_length] (padded with <pad>) and lengths [N] (</s> included)."""
+    ids = tokenizer.token_ids(prompts)
+    out = np.full((len(ids), max_length), tokenizer.pad_id, np.int16)
     lengths = np.array([len(s) for s in ids], np.int64)
     if lengths.max(initial=0) > max_length:
         raise ValueError(f"a prompt is {lengths.max()} tokens long, over {max_length}")
@@ -278,9 +278,9 @@ def prompt_tokens(prompts: list[str], max_length: int) -> tuple[np.ndarray, np.n
     return out, lengths
 
 
-def text_features(t5: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+def text_features(text_model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
     """T5 last hidden state [B, Lt, d_model] in float32 (padding rows are garbage; the mask hides them)."""
-    return t5(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()
+    return text_model(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()
 
 
 def with_uncond(model: Infinity, features: Tensor, drop: Tensor) -> Tensor:
@@ -297,7 +297,7 @@ class TransformerTrainConfig:
     minutes: float = 11.0
     batch_size: int = 64
     lr: float = 1e-3
-    text_lr_mult: float = 1.0
+    text_lr_mult: float = 0.3  # the encoder arrives warmed up (text_train.py)
     weight_decay: float = 0.05
     warmup: float = 0.03
     grad_clip: float = 1.0
@@ -323,23 +323,25 @@ class TrainState:
 
 
 def train_transformer(
-    model: Infinity, t5: nn.Module, vae: BSQVAE, encoder: Encoder, scenes: Scenes, scales: tuple[Hw, ...],
+    model: Infinity, text: TextEncoder, vae: BSQVAE, encoder: Encoder, scenes: Scenes, scales: tuple[Hw, ...],
     rope_grid: Hw, cfg: TransformerTrainConfig, device: torch.device, checkpoint: Path | None = None,
 ) -> TrainState:
-    """Train `model` (and `t5` unless frozen) for `cfg.minutes` of wall clock. Saves `checkpoint` now and then."""
+    """Train `model` (and the text encoder unless frozen) for `cfg.minutes` of wall clock. Saves `checkpoint` now
+    and then."""
+    text_model = text.model
     model.train().requires_grad_(True)
-    t5.train().requires_grad_(cfg.train_text_encoder)
+    text_model.train().requires_grad_(cfg.train_text_encoder)
     if not cfg.train_text_encoder:
-        t5.eval()
+        text_model.eval()
     vae.eval().requires_grad_(False)
     encoder.eval().requires_grad_(False)
     layout = make_layout(model.cfg, scales, rope_grid, device)
     weights = scale_weights(layout, cfg.scale_weight_power, device)
-    ids_np, lens_np = prompt_tokens(scenes.prompts, model.cfg.text_maxlen)
+    ids_np, lens_np = prompt_tokens(scenes.prompts, model.cfg.text_maxlen, text.tokenizer)
     ids_all = torch.from_numpy(ids_np.astype(np.int64)).to(device)
     lens_all = torch.from_numpy(lens_np).to(device)
     positions = torch.arange(model.cfg.text_maxlen, device=device)
-    groups = param_groups([(model, 1.0)] + ([(t5, cfg.text_lr_mult)] if cfg.train_text_encoder else []),
+    groups = param_groups([(model, 1.0)] + ([(text_model, cfg.text_lr_mult)] if cfg.train_text_encoder else []),
                           cfg.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     params = [p for g in groups for p in g["params"]]
@@ -348,7 +350,7 @@ def train_transformer(
     block_fn = block_math
     if cfg.compile and device.type == "cuda":
         block_fn = torch.compile(block_math, dynamic=False)
-    log(f"transformer: {param_count(model) / 1e6:.2f} M params, text encoder {param_count(t5) / 1e6:.2f} M "
+    log(f"transformer: {param_count(model) / 1e6:.2f} M params, text encoder {param_count(text_model) / 1e6:.2f} M "
         f"({'trained' if cfg.train_text_encoder else 'frozen'}); {layout.total} tokens/image in {len(scales)} scales; "
         f"batch {cfg.batch_size}; budget {cfg.minutes:.1f} min")
     budget = Budget(cfg.minutes)
@@ -375,7 +377,7 @@ def train_transformer(
         try:
             with autocast(device):
                 with torch.set_grad_enabled(cfg.train_text_encoder):
-                    feats = text_features(t5, ids, mask)
+                    feats = text_features(text_model, ids, mask)
                 feats = with_uncond(model, feats, drop)
                 logits = forward_train(model, layout, tokens, feats, mask, block_fn)
             loss, acc = bit_loss(logits, bits, weights)
@@ -411,17 +413,17 @@ def train_transformer(
             log(f"transformer step {state.step} images {state.images} loss {ema:.4f} lr {lr:.2e} "
                 f"{rate:.0f} img/s, peak {mem:.1f} GiB; bit acc per scale {accs}")
         if checkpoint is not None and budget.elapsed - last_ckpt > cfg.checkpoint_every_s:
-            save_checkpoint(checkpoint, model, t5, state)
+            save_checkpoint(checkpoint, model, text_model, state)
             last_ckpt = budget.elapsed
     model.eval().requires_grad_(False)
-    t5.eval().requires_grad_(False)
+    text_model.eval().requires_grad_(False)
     state.seconds = budget.elapsed
     if checkpoint is not None and not state.stopped:  # a stopped run keeps its last good checkpoint
-        save_checkpoint(checkpoint, model, t5, state)
+        save_checkpoint(checkpoint, model, text_model, state)
     return state
 
 
-def save_checkpoint(path: Path, model: nn.Module, t5: nn.Module, state: TrainState) -> None:
+def save_checkpoint(path: Path, model: nn.Module, text_model: nn.Module, state: TrainState) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "t5": t5.state_dict(), "state": vars(state)}, tmp)
+    torch.save({"model": model.state_dict(), "text_encoder": text_model.state_dict(), "state": vars(state)}, tmp)
     tmp.replace(path)
