@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import logging
 import math
 import re
@@ -127,8 +128,10 @@ def plan_runs(policies: Sequence[str], budgets: Sequence[float], kv_calibration:
     return runs, skipped
 
 
-def _free(engine) -> None:
-    del engine
+def _release_memory() -> None:
+    """Give a finished engine's KV pool back to the device before the next engine sizes its own (the engine holds
+    reference cycles, so dropping the last name is not enough)."""
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -158,17 +161,20 @@ def run_fidelity(
     params = [SamplingParams(size=size, seed=seed + i, **sampling) for i in range(num_prompts)]
     engine_kwargs = dict(engine_kwargs or {})
 
+    def run_engine(kwargs: dict) -> tuple[list, dict]:
+        engine = Engine(model, **kwargs)
+        outs = engine.generate(prompts, params, use_tqdm=use_tqdm)
+        return outs, {"page_bytes": engine.runner.page_bytes, "page_size": engine.runner.page_size,
+                      "device": engine.runner.device, "dtype": str(engine.runner.dtype).removeprefix("torch.")}
+
     def generate(policy: str, budget: float, calib: str | None) -> tuple[list[np.ndarray], list, dict]:
         kwargs = dict(engine_kwargs, kv_policy=policy, kv_budget=budget)
         if calib is not None:
             kwargs["kv_calibration"] = calib
-        engine = Engine(model, **kwargs)
         try:
-            outs = engine.generate(prompts, params, use_tqdm=use_tqdm)
-            info = {"page_bytes": engine.runner.page_bytes, "page_size": engine.runner.page_size,
-                    "device": engine.runner.device, "dtype": str(engine.runner.dtype).removeprefix("torch.")}
+            outs, info = run_engine(kwargs)
         finally:
-            _free(engine)
+            _release_memory()
         return [np.asarray(o.image.convert("RGB")) for o in outs], [o.metrics for o in outs], info
 
     def row(policy: str, budget: float, images: list[np.ndarray], metrics: list, page_bytes: int,
