@@ -1,4 +1,4 @@
-"""Offline generation: a few prompts in, PNG files out (runs on CPU with the tiny model in seconds).
+"""Offline generation: a few prompts in, PNG files out (runs on CPU with the shipped tiny model in seconds).
 
     python examples/offline_generate.py [OUT_DIR]
 """
@@ -11,21 +11,18 @@ from varserve import Engine, SamplingParams
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "out/offline_generate")
 out_dir.mkdir(parents=True, exist_ok=True)
 
-# "tiny" is a small random-weight model of the Infinity architecture. On a GPU use e.g. "infinity-2b".
-# num_pages fixes a small KV pool (the default on CPU is 2 GiB, which takes seconds to allocate).
+# "tiny" is the small Infinity model shipped inside the package, trained at 512x512 on pictures of coloured
+# shapes: its prompts are made of its own words (varserve.training.data.VOCABULARY). On a GPU use e.g. "infinity-2b"
+# for any prompt. num_pages fixes a small KV pool (the default on CPU is 2 GiB, which takes seconds to allocate).
 engine = Engine("tiny", num_pages=8192)
 
 prompts = [
-    "a red fox sitting in fresh snow at dawn",
-    "a lighthouse on a cliff above a stormy sea",
-    "a bowl of ramen, food photography",
+    "a red circle at the top left on a white background",
+    "a big blue square at the center and a yellow triangle at the bottom right on a black background",
+    "a small green circle at the right on a gray background",
 ]
-# One SamplingParams for every prompt, or one per prompt (here: a fixed seed per image, one without CFG).
-params = [
-    SamplingParams(size="256x256", cfg=4.0, seed=0),
-    SamplingParams(size="256x256", cfg=4.0, seed=1, negative_prompt="blurry, low quality"),
-    SamplingParams(size="256x256", cfg=1.0, seed=2),  # cfg 1: no CFG row, half the work
-]
+# One SamplingParams for every prompt, or one per prompt (here: a fixed seed per image).
+params = [SamplingParams(size="512x512", cfg=4.0, seed=i) for i in range(len(prompts))]
 
 outputs = engine.generate(prompts, params)  # outputs in input order
 for i, out in enumerate(outputs):

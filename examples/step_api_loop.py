@@ -9,7 +9,7 @@ Lower priority values are admitted first; `max_num_seqs=2` makes the queue visib
 
 from varserve import Engine, SamplingParams
 
-engine = Engine("tiny", num_pages=4096, max_num_seqs=2)
+engine = Engine("test-small", num_pages=4096, max_num_seqs=2)  # random weights: fast, any prompt
 def add(name: str, prompt: str, priority: int, seed: int) -> None:
     params = SamplingParams(size="256x256", seed=seed)  # 7 scales: each image needs 7 steps
     engine.add_request(prompt, params, request_id=name, priority=priority)

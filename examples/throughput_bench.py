@@ -8,7 +8,7 @@ Compares static batching (waves of max_num_seqs images) with continuous batching
 from varserve import Engine, SamplingParams
 from varserve.benchmark import format_table, run_benchmark
 
-engine = Engine("tiny", num_pages=8192, max_num_seqs=2)
+engine = Engine("test-small", num_pages=8192, max_num_seqs=2)  # random weights: the built-in prompts are free text
 params = SamplingParams(size="256x256", cfg=4.0)
 
 results = {}

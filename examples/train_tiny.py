@@ -1,9 +1,9 @@
-"""Train the small "shapes" model (Infinity architecture, 512x512, 10 scales, 2521 tokens) from scratch on
+"""Train the shipped "tiny" model (Infinity architecture, 512x512, 10 scales, 2521 tokens) from scratch on
 procedurally generated pictures, and write a servable weights folder.
 
-    python examples/train_tiny.py --out varserve/weights/shapes --minutes 18
+    python examples/train_tiny.py --out varserve/weights/tiny --minutes 20
 
-One H100: ~18 minutes wall clock in all (scenes, VAE, transformer, export, evaluation of 50 held-out prompts with
+One H100: ~20 minutes wall clock in all (scenes, VAE, transformer, export, evaluation of 50 held-out prompts with
 the dense full-cache generation path). Every option: `python examples/train_tiny.py --help`; the phases and what
 they write: varserve/training/train.py.
 """

@@ -14,7 +14,7 @@ SMALL = "256x256"
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine("tiny", dtype="float64", num_pages=40000, page_size=16)
+    return Engine("test-small", dtype="float64", num_pages=40000, page_size=16)
 
 
 def test_concurrent_generate_matches_engine(engine: Engine) -> None:

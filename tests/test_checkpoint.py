@@ -1,16 +1,21 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from varserve import Engine, SamplingParams
+from varserve.cli import main
+from varserve.models import checkpoint
 from varserve.models.checkpoint import (
     ResolvedWeights,
     WeightsUnavailableError,
@@ -19,6 +24,12 @@ from varserve.models.checkpoint import (
     resolve_weights,
 )
 from varserve.models.config import get_config
+from varserve.models.infinity import Infinity
+from varserve.models.text_encoder import TextEncoder, WordTokenizer
+from varserve.models.vae import BSQVAE
+from varserve.training import presets
+from varserve.training.data import VOCABULARY
+from varserve.training.train import export
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -294,4 +305,62 @@ def test_offline_mode_without_cache(tmp_path):
 
 def test_presets_without_weights():
     with pytest.raises(ValueError, match="no published weights"):
+        resolve_weights(get_config("test-small"))
+
+
+# ---- weights shipped inside the package (the tiny preset) ----
+
+PROMPT = "a red circle at the top left on a white background"
+
+
+@pytest.fixture(scope="module")
+def shipped_folder(tmp_path_factory) -> Path:
+    """A folder laid out as varserve/weights/tiny/ (what train.export writes), with random weights."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("package_weights") / "tiny"
+    text = TextEncoder.load(presets.TEXT_ENCODER, tokenizer=WordTokenizer(VOCABULARY))
+    export(folder, Infinity(presets.MODEL), BSQVAE(presets.VAE), text, {})
+    return folder
+
+
+def test_package_weights_resolve_without_the_hub(shipped_folder, monkeypatch, no_hub):
+    monkeypatch.setattr(checkpoint, "PACKAGE_WEIGHTS", shipped_folder.parent)
+    assert resolve_weights(get_config("tiny")) == ResolvedWeights(
+        shipped_folder / "transformer.safetensors", shipped_folder / "vae.safetensors", shipped_folder / "text_encoder")
+
+
+def test_engine_generates_with_the_package_weights(shipped_folder, monkeypatch, no_hub):
+    monkeypatch.setattr(checkpoint, "PACKAGE_WEIGHTS", shipped_folder.parent)
+    engine = Engine("tiny", num_pages=4096)
+    transformer = load_file(shipped_folder / "transformer.safetensors")
+    for name, value in engine.runner.model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, transformer[name].float()), name
+    vae = load_file(shipped_folder / "vae.safetensors")
+    assert all(torch.equal(v, vae[k].float()) for k, v in engine.runner.vae.state_dict().items())
+    assert isinstance(engine.runner.text_encoder.tokenizer, WordTokenizer)
+    params = SamplingParams(size="256x256", seed=0)
+    image = engine.generate([PROMPT], params)[0].image
+    assert image.size == (256, 256)
+    # a copy of the folder given as the model path loads the same way
+    again = Engine(str(shipped_folder), num_pages=4096).generate([PROMPT], params)[0].image
+    assert np.array_equal(np.asarray(image), np.asarray(again))
+    with pytest.raises(ValueError, match="words this model was not trained on: fox"):
+        engine.generate(["a red fox"], params)
+
+
+def test_missing_package_weights_say_the_package_is_incomplete(tmp_path, monkeypatch, no_hub, capsys):
+    monkeypatch.setattr(checkpoint, "PACKAGE_WEIGHTS", tmp_path)
+    with pytest.raises(WeightsUnavailableError, match="the varserve package is incomplete") as err:
         resolve_weights(get_config("tiny"))
+    assert f"{tmp_path / 'tiny'} lacks transformer.safetensors, vae.safetensors, text_encoder/" in str(err.value)
+    # the README's command (the default model is tiny): one line, no traceback
+    assert main(["generate", PROMPT, "--out", str(tmp_path / "out"), "--log-level", "WARNING"]) == 1
+    stderr = capsys.readouterr().err
+    assert "the varserve package is incomplete" in stderr and "Traceback" not in stderr
+
+
+def test_a_folder_in_the_package_layout_must_be_complete(shipped_folder, tmp_path, no_hub):
+    copy = shutil.copytree(shipped_folder, tmp_path / "copy")
+    (copy / "vae.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"copy lacks vae.safetensors: a tiny weights folder holds"):
+        resolve_weights(get_config("tiny"), copy)

@@ -1,4 +1,4 @@
-"""`varserve generate` and `varserve bench` on CPU with the tiny model at 256x256."""
+"""`varserve generate` and `varserve bench` on CPU with the test-small model (random weights) at 256x256."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ from PIL import Image
 from varserve.cli import main, one_line, slugify
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--size", "256x256", "--num-pages", "4096", "--log-level", "WARNING"]  # small pool: fast to allocate
+FAST = ["--model", "test-small", "--size", "256x256", "--num-pages", "4096", "--log-level", "WARNING"]  # small pool: fast to allocate
 
 
 def test_generate_writes_one_png_per_prompt(tmp_path, capsys):
@@ -58,7 +58,8 @@ def test_bad_size_exits_2_with_one_line_and_no_traceback(tmp_path):
     (["x" * 300], "over the 128-token limit"),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, args, message):
-    argv = ["generate", *args, "--out", str(tmp_path), "--num-pages", "256", "--log-level", "WARNING"]
+    argv = ["generate", "--model", "test-small", *args, "--out", str(tmp_path), "--num-pages", "256",
+            "--log-level", "WARNING"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("varserve generate: error:") and message in err and "\n" not in err
@@ -108,7 +109,7 @@ def test_bench_static_waves(tmp_path, capsys):
 def test_bench_continuous_default_path_and_excluded_text_encoder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _bench(["--batching", "continuous", "--warmup", "0", "--exclude-text-encoder"], capsys)
-    (path,) = (tmp_path / "benchmarks" / "results").glob("bench-tiny-full-continuous-*.json")
+    (path,) = (tmp_path / "benchmarks" / "results").glob("bench-test-small-full-continuous-*.json")
     result = json.loads(path.read_text())
     _check(result, "continuous")
     assert result["max_images_in_flight"] == 3 and result["num_steps"] == result["num_scales"]

@@ -1,6 +1,6 @@
 """The paged engine against the dense reference path, batch invariance, aborts, failures and bad input.
 
-Everything runs the tiny model in float64 so that paged and dense attention agree to the last bit of the
+Everything runs the test-small model in float64 so that paged and dense attention agree to the last bit of the
 sampled images (both sum the same products; only rounding order could differ, far below any bit flip).
 """
 
@@ -21,7 +21,7 @@ TALL = "1:2@256"
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine("tiny", dtype="float64", num_pages=40000, page_size=16, max_num_seqs=8)
+    return Engine("test-small", dtype="float64", num_pages=40000, page_size=16, max_num_seqs=8)
 
 
 def dense_image(engine: Engine, prompt: str, params: SamplingParams) -> np.ndarray:
@@ -129,7 +129,7 @@ def test_sampling_params_validation_names_the_field(field: str, value) -> None:
 
 
 def test_request_that_can_never_fit_fails_at_once() -> None:
-    small = Engine("tiny", num_pages=50, page_size=16)
+    small = Engine("test-small", num_pages=50, page_size=16)
     with pytest.raises(ValueError, match=r"needs \d+ KV pages at its peak but the pool has 49"):
         small.add_request("too big", SamplingParams(size=SMALL))
     assert_clean(small)

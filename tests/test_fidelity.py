@@ -1,4 +1,4 @@
-"""`varserve eval-fidelity` on CPU: tiny model, random weights, 3 prompts at 256x256 (code path and invariants,
+"""`varserve eval-fidelity` on CPU: the test-small model (random weights), 3 prompts at 256x256 (code path and invariants,
 not quality)."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 from varserve.cli import build_parser, main
 from varserve.fidelity import PSNR_CAP, plan_runs, psnr, ssim
 
-FAST = ["--model", "tiny", "--random-weights", "--size", "256x256", "--num-pages", "4096", "--page-size", "16",
+FAST = ["--model", "test-small", "--random-weights", "--size", "256x256", "--num-pages", "4096", "--page-size", "16",
         "--no-progress", "--log-level", "WARNING"]
 
 

@@ -1,6 +1,6 @@
 """The Infinity transformer: official checkpoint layout, the math of a block against a plain single-row
 implementation written here from the reference facts (docs: /work/shared/reference/infinity.md), packed
-multi-row forwards against per-row ones, and tiny end-to-end dense generation.
+multi-row forwards against per-row ones, and end-to-end dense generation with the test-small model.
 
 Exactness tests run in float64 with random weights (non-zero biases, some attention scales above the
 log(100) clamp) and random inputs.
@@ -25,7 +25,7 @@ from varserve.models.loader import load_model
 from varserve.models.reference import DenseKV, generate_dense
 from varserve.models.schedule import parse_size
 
-CFG = get_config("tiny")  # depth 4 in 2 chunks, width 128, 4 heads of 32, d_vae 16, T5 width 64
+CFG = get_config("test-small")  # depth 4 in 2 chunks, width 128, 4 heads of 32, d_vae 16, T5 width 64
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
@@ -142,7 +142,7 @@ def ref_text(P: dict[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor]:
     w_kv = P["text_proj_for_sos.ca.mat_kv.weight"]
     q = P["text_proj_for_sos.ca.mat_q"][0]  # [Hp, dp], one learned query per head
     heads, dp = q.shape
-    assert heads == CFG.text_dim // 16 and dp == C // heads  # tiny: pool head size 16 over the T5 width
+    assert heads == CFG.text_dim // 16 and dp == C // heads  # test-small: pool head size 16 over the T5 width
     k = (t @ w_kv[:C].T)[None]
     v = (t @ w_kv[C:].T + P["text_proj_for_sos.ca.v_bias"])[None]
     o = ref_merge(ref_attention(q[:, None, :], ref_heads(k, heads), ref_heads(v, heads), 1 / math.sqrt(dp)))
@@ -599,34 +599,34 @@ def test_packed_rows_equal_rows_alone() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 5. tiny end-to-end dense generation
+# 5. test-small end-to-end dense generation
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", device=torch.device("cpu"), dtype=torch.float32)
+def small():
+    return load_model("test-small", device=torch.device("cpu"), dtype=torch.float32)
 
 
-def _generate(tiny, seed: int, negative: str | None = None, cfg: float = 3.0):
+def _generate(small, seed: int, negative: str | None = None, cfg: float = 3.0):
     params = ScaleSampling(cfg=cfg, tau=1.0, top_p=0.97)
-    return generate_dense(tiny.transformer, tiny.vae, tiny.text_encoder, "a red fox in the snow",
+    return generate_dense(small.transformer, small.vae, small.text_encoder, "a red fox in the snow",
                           parse_size("256x256"), params, seed, negative)
 
 
-def test_dense_generation_is_deterministic_per_seed(tiny) -> None:
-    image, bits = _generate(tiny, 7)
+def test_dense_generation_is_deterministic_per_seed(small) -> None:
+    image, bits = _generate(small, 7)
     assert image.shape == (256, 256, 3) and image.dtype == torch.uint8
     assert len(bits) == 7 and bits[-1].shape == (16 * 16, CFG.d_vae) and bits[0].dtype == torch.uint8
-    image2, bits2 = _generate(tiny, 7)
+    image2, bits2 = _generate(small, 7)
     assert torch.equal(image, image2)
     assert all(torch.equal(a, b) for a, b in zip(bits, bits2))
-    other, other_bits = _generate(tiny, 8)
+    other, other_bits = _generate(small, 8)
     assert not all(torch.equal(a, b) for a, b in zip(bits, other_bits))
     assert not torch.equal(image, other)
 
 
-def test_negative_prompt_changes_the_image(tiny) -> None:
-    image, bits = _generate(tiny, 7)
-    neg_image, neg_bits = _generate(tiny, 7, negative="blurry, low quality")
+def test_negative_prompt_changes_the_image(small) -> None:
+    image, bits = _generate(small, 7)
+    neg_image, neg_bits = _generate(small, 7, negative="blurry, low quality")
     assert not all(torch.equal(a, b) for a, b in zip(bits, neg_bits))
     assert not torch.equal(image, neg_image)

@@ -1,4 +1,4 @@
-"""Data-parallel serving on CPU: `Engine(..., data_parallel_size=2)` runs two tiny replicas as processes.
+"""Data-parallel serving on CPU: `Engine(..., data_parallel_size=2)` runs two test-small replicas as processes.
 
 float64, as in test_engine.py: on CPU a float32 image depends, by +-1 in a few dozen pixels, on the batch it
 ran in and on the thread count, and replicas batch differently from a single engine; float64 images do not.
@@ -33,7 +33,7 @@ def params(seed: int) -> SamplingParams:
 @pytest.fixture(scope="module")
 def reference() -> dict[tuple[str, int], np.ndarray]:
     """Images of a single engine, by (prompt, seed)."""
-    single = Engine("tiny", data_parallel_size=1, **ENGINE)
+    single = Engine("test-small", data_parallel_size=1, **ENGINE)
     assert type(single) is Engine  # data_parallel_size=1 is the plain engine
     outputs = single.generate(PROMPTS, [params(s) for s in SEEDS], use_tqdm=False)
     return {(o.prompt, o.seed): np.asarray(o.image) for o in outputs}
@@ -82,7 +82,7 @@ class TestTwoReplicas:
 
     @pytest.fixture(scope="class")
     def dp(self) -> DataParallelEngine:
-        engine = Engine("tiny", data_parallel_size=2, device="cpu", **ENGINE)
+        engine = Engine("test-small", data_parallel_size=2, device="cpu", **ENGINE)
         assert isinstance(engine, DataParallelEngine)
         yield engine
         engine.shutdown()
@@ -140,7 +140,7 @@ class TestTwoReplicas:
 
 
 def test_killed_replica_fails_its_requests_and_the_other_keeps_serving(reference) -> None:
-    with Engine("tiny", data_parallel_size=2, device="cpu", **ENGINE) as engine:
+    with Engine("test-small", data_parallel_size=2, device="cpu", **ENGINE) as engine:
         lost, kept = (engine.add_request(p, params(s)) for p, s in zip(PROMPTS[:2], SEEDS[:2]))
         assert (engine.replica_of(lost), engine.replica_of(kept)) == (0, 1)
         engine.step()
@@ -183,7 +183,7 @@ def test_start_up_failure_names_the_replica_and_leaves_no_process() -> None:
 ])
 def test_bad_configuration_raises_before_spawning(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
-        Engine("tiny", **kwargs)
+        Engine("test-small", **kwargs)
     assert child_processes() == []
 
 

@@ -1,8 +1,8 @@
 """KV policies (scalekv, heatkv, window, streaming): budget semantics, the released tables and schedules, the
 paged engine against a dense oracle of each policy, measured pages, page reuse, calibration.
 
-Engine runs use the tiny model in float64, so the paged path and the dense oracle agree to the last bit of the
-images. At 256x256 the tiny model has 7 scales (history 265 tokens); budget 0.2 keeps 53 tokens per layer, so
+Engine runs use the test-small model in float64, so the paged path and the dense oracle agree to the last bit of the
+images. At 256x256 the test-small model has 7 scales (history 265 tokens); budget 0.2 keeps 53 tokens per layer, so
 compression starts at scale 3 and every test asserts that it happened.
 """
 
@@ -30,7 +30,7 @@ from varserve.models.schedule import parse_size
 from varserve.scheduler.request import Request
 
 PAGE = 16
-TINY = get_config("tiny")
+TEST_SMALL = get_config("test-small")
 COMPRESSED = ("scalekv", "heatkv", "window", "streaming")
 BUDGET = 0.2
 PROMPTS = ["a red fox in the snow", "a lighthouse at night"]
@@ -47,8 +47,9 @@ def heat_calibration(tmp_path_factory) -> Path:
 
 def _calibrate(folder: Path, policy: str, name: str, *extra: str) -> Path:
     out = folder / name
-    rc = main(["calibrate", "--policy", policy, "--prompts", str(folder / "prompts.txt"), "--size", "256x256",
-               "--seed", "5", "--dtype", "float64", "--out", str(out), "--log-level", "WARNING", *extra])
+    rc = main(["calibrate", "--model", "test-small", "--policy", policy, "--prompts", str(folder / "prompts.txt"),
+               "--size", "256x256", "--seed", "5", "--dtype", "float64", "--out", str(out), "--log-level", "WARNING",
+               *extra])
     assert rc == 0
     return out
 
@@ -59,7 +60,7 @@ def test_calibration_is_deterministic_for_a_prompt_file_and_seed(heat_calibratio
     assert "heatkv at kv_budget 0.1 (256x256)" in capsys.readouterr().out
     data = json.loads(heat_calibration.read_text())
     scas = np.array(data["scas"], dtype=float)
-    assert scas.shape == (TINY.depth, TINY.num_heads, 7) and data["num_prompts"] == 2
+    assert scas.shape == (TEST_SMALL.depth, TEST_SMALL.num_heads, 7) and data["num_prompts"] == 2
     assert np.isnan(scas[..., [0, 1, 2, 6]]).all() and (scas[..., 3:6] > 0).all()
 
 
@@ -69,7 +70,7 @@ def test_scalekv_calibration_is_deterministic_and_sets_the_drafters(tmp_path: Pa
     assert first.read_bytes() == second.read_bytes()
     asi = json.loads(first.read_text())["asi"]
     schedule = parse_size("256x256")
-    budgets = make_policy("scalekv", BUDGET, str(first)).scale_budgets(TINY, schedule)
+    budgets = make_policy("scalekv", BUDGET, str(first)).scale_budgets(TEST_SMALL, schedule)
     for s, b in budgets.items():  # one drafter (round(0.07 * 4) -> at least 1): the layer of lowest ASI
         assert b.drafters == (int(np.argmin(asi[s])),)
 
@@ -123,16 +124,16 @@ SIZES = ["256x256", "1:2@256", "512x512", "3:1@512"]
 @pytest.mark.parametrize("size", SIZES)
 def test_budget_one_plans_exactly_the_full_cache(name: str, size: str) -> None:
     schedule = parse_size(size)
-    full, plan = FullPolicy().plan(TINY, schedule), make_policy(name, 1.0).plan(TINY, schedule)
+    full, plan = FullPolicy().plan(TEST_SMALL, schedule), make_policy(name, 1.0).plan(TEST_SMALL, schedule)
     np.testing.assert_array_equal(plan.kept, full.kept)
-    assert all(plan.cut(s, l) is None for s in range(schedule.num_scales) for l in range(TINY.depth))
+    assert all(plan.cut(s, l) is None for s in range(schedule.num_scales) for l in range(TEST_SMALL.depth))
 
 
 def _bounds(schedule, budget_tokens: float, rows: int) -> tuple[int, np.ndarray]:
     """(pages of the budget, [S] pages of one layer's current scale) for a request of `rows` rows."""
-    pairs = TINY.depth * TINY.num_heads
+    pairs = TEST_SMALL.depth * TEST_SMALL.num_heads
     need = rows * (math.ceil(pairs * budget_tokens / PAGE) + pairs)  # at most one partial page per table
-    return need, rows * TINY.num_heads * -(-np.array(schedule.tokens) // PAGE)
+    return need, rows * TEST_SMALL.num_heads * -(-np.array(schedule.tokens) // PAGE)
 
 
 @pytest.mark.parametrize("name", COMPRESSED)
@@ -145,7 +146,7 @@ def test_plans_keep_the_budget(name: str, size: str, budget: float, heat_calibra
     peak adds that growth of the layers already cut (as the released ScaleKV)."""
     schedule = parse_size(size)
     policy = make_policy(name, budget, str(heat_calibration) if name == "heatkv" else None)
-    plan, rows = policy.plan(TINY, schedule), 2
+    plan, rows = policy.plan(TEST_SMALL, schedule), 2
     need, current = _bounds(schedule, budget * schedule.history_tokens, rows)
     assert (rows * plan.pages_kept(PAGE).sum(1) <= need).all()
     growth = 0
@@ -153,17 +154,17 @@ def test_plans_keep_the_budget(name: str, size: str, budget: float, heat_calibra
         grown = np.maximum(np.diff(plan.kept, axis=0, prepend=0), 0)
         growth = int(rows * np.ceil(grown / PAGE).sum(axis=(1, 2)).max())
     assert (plan.held_pages(PAGE, rows).max(1) <= need + current + growth).all()
-    assert plan.held_pages(PAGE, rows).max() < FullPolicy().plan(TINY, schedule).held_pages(PAGE, rows).max()
+    assert plan.held_pages(PAGE, rows).max() < FullPolicy().plan(TEST_SMALL, schedule).held_pages(PAGE, rows).max()
 
 
 def test_heatkv_counts_differ_per_head_and_cuts_drop_whole_scales(heat_calibration: Path) -> None:
     schedule = parse_size("256x256")
-    plan = make_policy("heatkv", BUDGET, str(heat_calibration)).plan(TINY, schedule)
+    plan = make_policy("heatkv", BUDGET, str(heat_calibration)).plan(TEST_SMALL, schedule)
     assert (plan.kept[5] != plan.kept[5, :, :1]).any()
     tokens = np.array(schedule.tokens)
     sums = {int(np.dot(tokens[: 6], m)) for m in np.ndindex(*(2,) * 6) if m[:3] == (1, 1, 1)}
     assert set(plan.kept[:6].ravel().tolist()) - {1, 5} <= sums  # every count is a sum of whole scales
-    cuts = [plan.cut(s, l) for s in range(7) for l in range(TINY.depth)]
+    cuts = [plan.cut(s, l) for s in range(7) for l in range(TEST_SMALL.depth)]
     assert any(isinstance(c, StaticCut) for c in cuts) and all(c is None or isinstance(c, StaticCut) for c in cuts)
     for cut in filter(None, cuts):  # kept tokens only move down, to the front of their table
         assert (cut.dst < cut.src).all()
@@ -173,13 +174,13 @@ def test_heatkv_counts_differ_per_head_and_cuts_drop_whole_scales(heat_calibrati
 
 def _engine(name: str, budget: float, calibration: Path | None = None) -> Engine:
     path = str(calibration) if name == "heatkv" and calibration is not None else None
-    return Engine("tiny", dtype="float64", num_pages=6000, page_size=PAGE, kv_policy=name, kv_budget=budget,
+    return Engine("test-small", dtype="float64", num_pages=6000, page_size=PAGE, kv_policy=name, kv_budget=budget,
                   kv_calibration=path)
 
 
 @pytest.fixture(scope="module")
 def full_tall_image() -> np.ndarray:
-    engine = Engine("tiny", dtype="float64", num_pages=6000, page_size=PAGE)
+    engine = Engine("test-small", dtype="float64", num_pages=6000, page_size=PAGE)
     return np.asarray(engine.generate("a tall tree", SamplingParams(size="1:2@256", seed=2, cfg=1.0),
                                       use_tqdm=False)[0].image)
 
@@ -198,16 +199,16 @@ def test_engine_equals_the_dense_oracle_of_the_policy(name: str, size: str, cfg:
     params = SamplingParams(size=size, seed=7, cfg=cfg)
     out = engine.generate("a red fox in the snow", params, use_tqdm=False)[0]
     r, schedule, rows = engine.runner, params.schedule, num_rows(cfg, False)
-    kv = PolicyDenseKV(TINY, schedule, engine.policy)
+    kv = PolicyDenseKV(TEST_SMALL, schedule, engine.policy)
     image, _ = generate_dense(r.model, r.vae, r.text_encoder, out.prompt, schedule,
                               ScaleSampling(params.cfg, params.tau, params.top_p), params.seed, kv=kv)
     np.testing.assert_array_equal(np.asarray(out.image), image.numpy())
-    plan = engine.policy.plan(TINY, schedule)
+    plan = engine.policy.plan(TEST_SMALL, schedule)
     m = out.metrics
     assert m.peak_kv_pages == plan.held_pages(PAGE, rows).max()  # measured = the admission profile, exactly
     assert m.mean_kv_pages == pytest.approx(rows * plan.pages_kept(PAGE).sum(1).mean())
-    assert m.peak_kv_pages < FullPolicy().plan(TINY, schedule).held_pages(PAGE, rows).max()  # it compressed
-    assert m.nominal_kv_bytes == rows * schedule.history_tokens * TINY.depth * TINY.num_heads * r.page_bytes // PAGE
+    assert m.peak_kv_pages < FullPolicy().plan(TEST_SMALL, schedule).held_pages(PAGE, rows).max()  # it compressed
+    assert m.nominal_kv_bytes == rows * schedule.history_tokens * TEST_SMALL.depth * TEST_SMALL.num_heads * r.page_bytes // PAGE
     assert engine.cache_stats()["used_pages"] == 0 and engine.cache_stats()["kv_policy"] == name
 
 
@@ -219,7 +220,7 @@ def _request(rid: str, plan: KVPlan, schedule) -> Request:
 
 def test_pages_cut_by_a_compressed_request_serve_another_in_the_same_step() -> None:
     schedule = parse_size("256x256")
-    plan = make_policy("window", BUDGET).plan(TINY, schedule)
+    plan = make_policy("window", BUDGET).plan(TEST_SMALL, schedule)
     a, b = _request("a", plan, schedule), _request("b", plan, schedule)
     scale_a, scale_b = 5, 3  # A cuts 144 + 53 tokens to 53 at every layer; B grows to its scale 3
     need = int((a.held[scale_a] + b.held[scale_b]).max())
@@ -228,12 +229,12 @@ def test_pages_cut_by_a_compressed_request_serve_another_in_the_same_step() -> N
     for req, scale in ((a, scale_a), (b, scale_b)):
         blocks.start(req)
         while req.scale < scale:
-            for layer in range(TINY.depth):
+            for layer in range(TEST_SMALL.depth):
                 blocks.begin_layer([req], layer)
                 blocks.end_layer([req], layer)
             req.scale += 1
     reused, freed_by_a = 0, set()
-    for layer in range(TINY.depth):
+    for layer in range(TEST_SMALL.depth):
         b_before = _pages_of(b, layer)
         blocks.begin_layer([b, a], layer)  # B grows first: beyond what was free, only A's cut pages remain
         reused += len((_pages_of(b, layer) - b_before) & freed_by_a)
@@ -259,20 +260,20 @@ def test_unknown_policy_bad_budget_and_calibration_errors(tmp_path: Path, heat_c
             make_policy("scalekv", budget)
     tall = parse_size("1:2@256")
     with pytest.raises(ValueError, match="needs S-CAS calibration"):
-        make_policy("heatkv", BUDGET).plan(TINY, tall)
+        make_policy("heatkv", BUDGET).plan(TEST_SMALL, tall)
     with pytest.raises(ValueError, match="does not exist"):
-        make_policy("heatkv", BUDGET, str(tmp_path / "missing.json")).plan(TINY, tall)
+        make_policy("heatkv", BUDGET, str(tmp_path / "missing.json")).plan(TEST_SMALL, tall)
     with pytest.raises(ValueError, match="is a 'heatkv' calibration, not 'scalekv'"):
-        make_policy("scalekv", BUDGET, str(heat_calibration)).plan(TINY, tall)
-    with pytest.raises(ValueError, match="made with 'tiny'"):
-        make_policy("heatkv", BUDGET, str(heat_calibration)).plan(get_config("tiny-deep"), tall)
+        make_policy("scalekv", BUDGET, str(heat_calibration)).plan(TEST_SMALL, tall)
+    with pytest.raises(ValueError, match="made with 'test-small'"):
+        make_policy("heatkv", BUDGET, str(heat_calibration)).plan(get_config("test-deep"), tall)
     with pytest.raises(ValueError, match="kv_budget must be >= 0.0622"):
-        make_policy("heatkv", 0.05, str(heat_calibration)).plan(TINY, tall)
+        make_policy("heatkv", 0.05, str(heat_calibration)).plan(TEST_SMALL, tall)
     with pytest.raises(ValueError, match="kv_calibration is used by scalekv and heatkv only"):
         make_policy("window", BUDGET, str(heat_calibration))
     with pytest.raises(ValueError, match="keeps no token"):
-        make_policy("window", 0.001).plan(TINY, tall)
+        make_policy("window", 0.001).plan(TEST_SMALL, tall)
     with pytest.raises(ValueError, match="too small for scalekv: 10 tokens"):
-        make_policy("scalekv", 0.05).plan(TINY, tall)
+        make_policy("scalekv", 0.05).plan(TEST_SMALL, tall)
     assert set(COMPRESSED) | {"full"} == set(POLICIES)
-    assert isinstance(make_policy("scalekv", BUDGET).plan(TINY, tall).cut(4, 1), ScoredCut)
+    assert isinstance(make_policy("scalekv", BUDGET).plan(TEST_SMALL, tall).cut(4, 1), ScoredCut)

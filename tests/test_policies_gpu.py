@@ -82,8 +82,8 @@ def test_compressed_engines_run_in_bf16_and_keep_to_their_plans(name: str, tmp_p
     path = None
     if name == "heatkv":
         path = tmp_path / "heat.json"
-        path.write_text(json.dumps(calibrate("heatkv", "tiny", ["a red fox", "a green field"], "512x512", 0)))
-    engine = Engine("tiny", kv_policy=name, kv_budget=0.1, page_size=16, num_pages=20000,
+        path.write_text(json.dumps(calibrate("heatkv", "test-small", ["a red fox", "a green field"], "512x512", 0)))
+    engine = Engine("test-small", kv_policy=name, kv_budget=0.1, page_size=16, num_pages=20000,
                     kv_calibration=str(path) if path else None)
     params = [SamplingParams(size=size, seed=i) for i, size in enumerate(["512x512", "1:2@512", "512x512"])]
     outs = engine.generate(["a red fox", "a tall tower", "a blue lake"], params, use_tqdm=False)

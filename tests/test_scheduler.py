@@ -17,7 +17,7 @@ from varserve.scheduler.request import Request
 from varserve.scheduler.scheduler import Scheduler, SchedulerConfig
 
 PAGE = 16
-CFG = get_config("tiny")
+CFG = get_config("test-small")
 
 
 def make_request(rid: str, size: str = "256x256", rows: int = 2, priority: int = 0, arrival: float = 0.0) -> Request:
@@ -135,7 +135,7 @@ def test_token_budget_limits_admission_and_rejects_oversized() -> None:
 
 
 def test_preemption_is_a_counted_fallback_and_recomputes_the_same_image(monkeypatch) -> None:
-    engine = Engine("tiny", dtype="float64", num_pages=40000, page_size=PAGE)
+    engine = Engine("test-small", dtype="float64", num_pages=40000, page_size=PAGE)
     params = {rid: SamplingParams(size="256x256", seed=seed) for rid, seed in (("old", 8), ("victim", 9))}
     expected = {rid: np.asarray(engine.generate("p", p, use_tqdm=False)[0].image) for rid, p in params.items()}
     for rid, p in params.items():
@@ -157,7 +157,7 @@ def test_preemption_is_a_counted_fallback_and_recomputes_the_same_image(monkeypa
 
 
 def test_a_step_that_can_never_fit_fails_instead_of_looping(monkeypatch) -> None:
-    engine = Engine("tiny", num_pages=4000, page_size=PAGE)
+    engine = Engine("test-small", num_pages=4000, page_size=PAGE)
     engine.add_request("p", SamplingParams(size="256x256", seed=1), request_id="stuck")
     monkeypatch.setattr(engine.block_manager, "can_run_step", lambda reqs: False)
     outputs = engine.step()

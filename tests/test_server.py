@@ -2,7 +2,7 @@
 `varserve serve` in a subprocess, talked to over real connections. Every request, wait and join is bounded,
 so no test can hang.
 
-Exact image checks run the tiny model in float64: float32 CPU kernels are deterministic run to run but not
+Exact image checks run the test-small model in float64: float32 CPU kernels are deterministic run to run but not
 batch-invariant (an image can change in its last bits with what it is batched with), and the server batches
 concurrent requests as they come.
 """
@@ -45,7 +45,7 @@ IMAGES = "/v1/images/generations"
 
 
 def make_engine(dtype: str = "float32") -> Engine:
-    return Engine("tiny", dtype=dtype, num_pages=40000, page_size=16)
+    return Engine("test-small", dtype=dtype, num_pages=40000, page_size=16)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Server:
 
 @contextmanager
 def serve(engine: Engine, **options: Any) -> Iterator[Server]:
-    app = create_app(AsyncEngine(engine), model_name="tiny", **options)
+    app = create_app(AsyncEngine(engine), model_name="test-small", **options)
     server = make_server(app, "127.0.0.1", 0, log_level="warning")
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -154,7 +154,7 @@ def test_concurrent_images_equal_engine_generate() -> None:
         {"prompt": "a red fox", "size": SMALL, "seed": 11},
         {"prompt": "a blue whale", "size": SMALL, "seed": 7, "n": 2},
         {"prompt": "a green field", "size": "1:2@256", "seed": 3, "cfg": 2.5, "tau": 0.8, "top_p": 0.9,
-         "negative_prompt": "blurry", "model": "tiny"},
+         "negative_prompt": "blurry", "model": "test-small"},
         {"prompt": "a tall tower", "size": SMALL, "seed": 5, "response_format": "png"},
     ]
     with serve(make_engine("float64")) as running, ThreadPoolExecutor(len(requests)) as pool:
@@ -198,7 +198,7 @@ def test_openai_sizes_map_to_the_table() -> None:
 
 def test_models_health_and_unknown_routes(server: Server) -> None:
     models = server.get("/v1/models").json()
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["test-small"]
     assert models["data"][0]["object"] == "model"
     health = server.get("/health")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
@@ -207,7 +207,7 @@ def test_models_health_and_unknown_routes(server: Server) -> None:
 
 
 # ---- validation ---------------------------------------------------------------------------------------------
-LONG_PROMPT = "x" * 300  # the tiny text encoder takes 128 tokens
+LONG_PROMPT = "x" * 300  # the test-small model's text encoder takes 128 tokens
 
 
 @pytest.mark.parametrize("body, status, param, match, code", [
@@ -354,8 +354,8 @@ def test_shutdown_aborts_what_outlives_the_grace_period(monkeypatch: pytest.Monk
 
 def test_varserve_serve_drains_on_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "varserve.cli", "serve", "--port", "0", "--num-pages", "40000",
-               "--page-size", "16", "--shutdown-timeout", "60"]
+    command = [sys.executable, "-m", "varserve.cli", "serve", "--model", "test-small", "--port", "0",
+               "--num-pages", "40000", "--page-size", "16", "--shutdown-timeout", "60"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
     with log.open("w") as stderr:

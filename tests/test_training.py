@@ -21,7 +21,7 @@ from varserve.models.schedule import get_schedule
 from varserve.models.text_encoder import (
     TEXT_ENCODER_PRESETS, ByteTokenizer, TextEncoder, TextEncoderConfig, WordTokenizer,
 )
-from varserve.models.vae import BSQVAE, VAE_PRESETS, VAEConfig, load_vae
+from varserve.models.vae import BSQVAE, VAE_PRESETS, VAEConfig
 from varserve.training import presets
 from varserve.training.data import (
     COLOUR_NAMES, MAX_PROMPT_BYTES, REGIONS, SHAPES, SIZES, VOCABULARY, ObjectSpec, SceneSpec, check_image,
@@ -37,7 +37,7 @@ from varserve.training.vae_train import (
     Encoder, VAETrainConfig, multiscale_quantize, straight_through, train_vae, vae_loss,
 )
 
-TINY = get_config("tiny")  # depth 4, width 128, 4 heads of 32, d_vae 16, T5 width 64
+TEST_SMALL = get_config("test-small")  # depth 4, width 128, 4 heads of 32, d_vae 16, T5 width 64
 TINY_VAE = VAE_PRESETS["tiny"]
 SCHEDULE = get_schedule(1.0, 256)  # 7 scales, last 16x16
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -137,7 +137,7 @@ def test_checker_rejects_wrong_pictures():
 def test_quantizer_sums_and_inputs_equal_the_generation_path():
     torch.manual_seed(0)
     vae = BSQVAE(TINY_VAE)
-    model = random_model(TINY, 1, torch.float32)
+    model = random_model(TEST_SMALL, 1, torch.float32)
     scales = SCHEDULE.scales
     f = torch.randn(3, TINY_VAE.codebook_dim, *scales[-1]) * 0.8
     q = multiscale_quantize(vae, f, scales)
@@ -193,25 +193,25 @@ def test_quantizer_flips_feed_corrupted_sums_and_keep_clean_targets():
 
 @pytest.mark.parametrize("num_scales", [4, 7])
 def test_training_forward_equals_inference_forward(num_scales):
-    model = random_model(TINY, 5)
+    model = random_model(TEST_SMALL, 5)
     vae = BSQVAE(TINY_VAE)
     scales = SCHEDULE.scales[:num_scales]
     lens, Lt = [9, 14, 5], 16
     g = torch.Generator().manual_seed(6)
-    feats = torch.randn(len(lens), Lt, TINY.text_dim, generator=g, dtype=torch.float64) * 0.5
+    feats = torch.randn(len(lens), Lt, TEST_SMALL.text_dim, generator=g, dtype=torch.float64) * 0.5
     mask = torch.arange(Lt)[None] < torch.tensor(lens)[:, None]
     f = torch.randn(len(lens), 16, *scales[-1], generator=g, dtype=torch.float64)
     q = multiscale_quantize(vae, f, scales, torch.tensor([0.0, 0.1, 0.2]), torch.Generator().manual_seed(7))
     drop = torch.tensor([False, False, True])  # row 2: CFG's unconditional text
     feats = with_uncond(model, feats, drop)
-    layout = make_layout(TINY, scales, SCHEDULE.rope_grid, "cpu", torch.float64)
+    layout = make_layout(TEST_SMALL, scales, SCHEDULE.rope_grid, "cpu", torch.float64)
     logits = forward_train(model, layout, torch.cat(q.inputs, 1), feats, mask)
-    assert logits.dtype == torch.float64 and logits.shape == (3, layout.total, 2 * TINY.d_vae)
+    assert logits.dtype == torch.float64 and logits.shape == (3, layout.total, 2 * TEST_SMALL.d_vae)
     for row, n in enumerate(lens):
         # inference: the unchanged model code, one row, dense KV, scale by scale
         row_feats = model.uncond_text(n) if drop[row] else feats[row, :n]
         text = model.encode_text(row_feats, [n])
-        kv = DenseKV(1, TINY.depth)
+        kv = DenseKV(1, TEST_SMALL.depth)
         x = model.start_tokens(text.cond)
         for s, hw in enumerate(scales):
             kv.begin([hw[0] * hw[1]])
@@ -224,13 +224,13 @@ def test_training_forward_equals_inference_forward(num_scales):
 
 def test_block_causal_mask_holds():
     """Changing the input of scale s leaves the logits of scales < s alone and changes scale s."""
-    model = random_model(TINY, 8)
+    model = random_model(TEST_SMALL, 8)
     vae = BSQVAE(TINY_VAE)
     scales = SCHEDULE.scales[:5]
-    layout = make_layout(TINY, scales, SCHEDULE.rope_grid, "cpu", torch.float64)
+    layout = make_layout(TEST_SMALL, scales, SCHEDULE.rope_grid, "cpu", torch.float64)
     f = torch.randn(1, 16, *scales[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     tokens = torch.cat(multiscale_quantize(vae, f, scales).inputs, 1)
-    feats = torch.randn(1, 6, TINY.text_dim, dtype=torch.float64)
+    feats = torch.randn(1, 6, TEST_SMALL.text_dim, dtype=torch.float64)
     mask = torch.ones(1, 6, dtype=torch.bool)
     base = forward_train(model, layout, tokens, feats, mask)
     s = 3
@@ -367,14 +367,12 @@ def test_exported_weights_load_into_varserve_by_key_name(tmp_path):
     load_into(fresh, state)
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         torch.testing.assert_close(a.to(torch.bfloat16).float(), b, rtol=0, atol=0, msg=name)
-    # VAE: the same state through varserve's official-layout loader (a .pth of it) and strictly
+    # VAE: the whole BSQVAE state, read back strictly by varserve's VAE loader in fp32
     vae_state = load_transformer_state_dict(tmp_path / "vae.safetensors")
     assert set(vae_state) == set(BSQVAE(vae_cfg).state_dict())
-    torch.save({"vae": vae_state}, tmp_path / "vae.pth")
-    official = load_vae(vae_cfg, tmp_path / "vae.pth")
     _, loaded, loaded_vae, loaded_text = load_trained(tmp_path, torch.device("cpu"))
-    for a, b in zip(official.state_dict().values(), loaded_vae.state_dict().values()):
-        assert torch.equal(a, b)
+    for a, b in zip(vae.state_dict().values(), loaded_vae.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a.to(torch.bfloat16).float(), b)
     # text encoder: same features as the saved (bf16-rounded) one
     text.model.to(torch.bfloat16).float()
     prompt = "a red circle at the top left on a white background"
@@ -390,12 +388,16 @@ def test_preset_lines_build_the_shipped_configs():
     scope = {"ModelConfig": ModelConfig, "VAEConfig": VAEConfig, "TextEncoderConfig": TextEncoderConfig,
              "WeightFiles": WeightFiles}
     found = [eval("{" + section + "}", scope) for section in re.split(r"^# .*\n", text, flags=re.M)[1:]]
-    model = found[0]["shapes"]
-    assert model.weights.transformer == "transformer.safetensors" and model.weights.text_encoder_repo == "text_encoder"
-    assert replace(model, weights=None) == presets.MODEL
+    # the lines are what the serving registries hold: the tiny model, its weights in the package
+    model = found[0]["tiny"]
+    assert model == get_config("tiny") and replace(model, weights=None) == presets.MODEL
+    assert model.weights == WeightFiles("tiny", "transformer.safetensors", "vae.safetensors", "text_encoder",
+                                        in_package=True)
+    assert found[1:] == [{"shapes": VAE_PRESETS["shapes"]}, {"shapes": TEXT_ENCODER_PRESETS["shapes"]}]
     assert found[1:] == [{"shapes": presets.VAE}, {"shapes": presets.TEXT_ENCODER}]
-    # a registry holding these presets (weights named or not) is accepted by the training code
-    assert presets._pick({"shapes": model}, presets.MODEL, "model") is model
+    assert presets.registered_or_local() == (model, presets.VAE, presets.TEXT_ENCODER)
+    with pytest.raises(ValueError, match="model preset 'tiny' is registered with other values"):
+        presets.registered_or_local(replace(presets.MODEL, width=512))
     sched = presets.schedule()
     assert sched.num_scales == 10 and sched.total_tokens == 2521 and sched.scales[-1] == (32, 32)
     assert sched.image_size == (512, 512) and presets.VAE.stride == 16

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from varserve.models.config import PRESETS
 from varserve.models.schedule import VAE_STRIDE, get_schedule
@@ -152,6 +153,25 @@ def test_missing_wrong_shape_and_unexpected_keys_in_one_error(tmp_path):
     assert "wrong shape (1)" in text and "decoder.conv_out.conv.weight: file (3, 16, 3, 3), model (3, 32, 3, 3)" in text
     assert "unexpected (1)" in text and "decoder.mid.attn_1.q.conv.weight" in text
     assert "encoder." not in text and "quantize" not in text
+
+
+def test_safetensors_file_loads_as_fp32_and_is_checked_as_strictly(tmp_path):
+    """A vae.safetensors (a BSQVAE state dict in bf16, as models trained here ship it) loads into an fp32 VAE."""
+    source = load_vae("tiny", seed=5)
+    state = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
+    path = tmp_path / "vae.safetensors"
+    save_file(state, path)
+    loaded = load_vae("tiny", path)
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, state[key].float()), key
+    del state["decoder.conv_in.conv.bias"]
+    state["decoder.extra.weight"] = torch.zeros(1)
+    save_file(state, path)
+    with pytest.raises(ValueError) as err:
+        load_vae("tiny", path)
+    text = str(err.value)
+    assert "missing (1)" in text and "decoder.conv_in.conv.bias" in text
+    assert "unexpected (1)" in text and "decoder.extra.weight" in text
 
 
 def test_wrong_preset_is_reported(tmp_path):

@@ -39,7 +39,7 @@ BATCHING_MODES = ("continuous", "static")
 RESULTS_DIR = Path("benchmarks") / "results"
 
 # Varied prompts (subjects, styles, lengths), cycled to make `num_prompts` requests.
-BENCH_PROMPTS: tuple[str, ...] = (  # <= 60 bytes each: the tiny models' text encoder takes 63
+BENCH_PROMPTS: tuple[str, ...] = (  # <= 60 bytes each: the test models' byte-level text encoder takes 128
     "a red fox sitting in fresh snow at dawn",
     "isometric floating island with a lighthouse",
     "portrait of an old fisherman, dramatic light, 85mm",

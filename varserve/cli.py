@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="N engine replicas in their own processes, one per GPU (cuda:0..N-1; N CPU replicas "
                             "with --device cpu); reports per-replica and total images/s (default: 1)")
     _sampling_args(bench)
-    _engine_args(bench)
+    _engine_args(bench, default_model="test-small")  # the built-in prompts are outside tiny's vocabulary
     bench.set_defaults(func=cmd_bench)
     add_calibrate_parser(sub, [common])
     add_fidelity_parser(sub, [common])
@@ -92,9 +92,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, help="top-p of the bits (0 disables)")
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser, default_model: str = "tiny") -> None:
     g = p.add_argument_group("engine (defaults: Engine / EngineConfig)")
-    g.add_argument("--model", default="tiny", help="preset (tiny, infinity-2b, infinity-8b, ...) or weights path")
+    g.add_argument("--model", default=default_model,
+                   help=f"preset (tiny, infinity-2b, infinity-8b, test-small, ...) or weights path "
+                        f"(default: {default_model})")
     g.add_argument("--weights", help="local folder or file of official weights (else downloaded)")
     g.add_argument("--kv-calibration", help="scalekv/heatkv calibration JSON (varserve calibrate)")
     g.add_argument("--random-weights", action="store_true", default=None, help="random weights, no download")

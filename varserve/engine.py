@@ -31,7 +31,8 @@ logger = logging.getLogger("varserve")
 class Engine:
     """Serves Infinity-family text-to-image models with continuous batching of scale steps.
 
-    model: a preset name ("tiny", "infinity-2b", "infinity-8b") or a local weights directory/file.
+    model: a preset name ("tiny": the small model shipped in the package; "infinity-2b", "infinity-8b"; "test-small",
+        "test-deep": random weights, for tests) or a local weights directory/file.
     kv_policy / kv_budget: which KV policy and which fraction of the full history cache it keeps.
     device / dtype: defaults: CUDA if available, bf16 on CUDA and float32 on CPU.
     gpu_memory_utilization: share of the device memory the engine may use (weights, activations, pages).

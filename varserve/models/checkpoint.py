@@ -1,4 +1,4 @@
-"""Finding official weights (local folder or Hugging Face Hub) and loading them strictly.
+"""Finding weights (local folder, Hugging Face Hub, or the package's own folder) and loading them strictly.
 
 Official layouts (FoundationVision/Infinity on the Hub):
 - infinity_2b_reg.pth: a plain state dict (full training checkpoints nest it under ['trainer']['gpt_fsdp']).
@@ -48,10 +48,13 @@ HF_T5_PATTERNS = (
 )
 _LIST_LIMIT = 20
 LOCAL_FOLDER = "/path/to/weights"
+# Weights shipped inside the installed package (presets with WeightFiles(in_package=True)), one folder per preset.
+PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Weights could not be found locally nor downloaded from the Hugging Face Hub."""
+    """Weights could not be found locally nor downloaded from the Hugging Face Hub (nor, for a preset that ships
+    them, found in the package)."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,11 @@ def resolve_weights(config: ModelConfig, path: str | Path | None = None) -> Reso
     folder, the VAE file, optionally a `flan-t5-xl` subfolder), the shard folder itself, or a single
     transformer file. What it lacks besides the transformer (VAE, text encoder) comes from the Hub cache.
     Without `path`, everything is downloaded into the standard Hugging Face cache.
+    A preset whose weights ship in the package reads them from there (or from `path`), never downloading.
     """
     files = _official_files(config)
+    if files.in_package:
+        return _packaged(config, path)
     if path is None:
         return ResolvedWeights(_download_transformer(config), _download_vae(config), files.text_encoder_repo)
     transformer, base = _local_transformer(config, Path(path).expanduser())
@@ -104,6 +110,25 @@ def resolve_weights(config: ModelConfig, path: str | Path | None = None) -> Reso
         vae=vae if vae.is_file() else _download_vae(config),
         text_encoder=encoder if encoder.is_dir() else files.text_encoder_repo,
     )
+
+
+def _packaged(config: ModelConfig, path: str | Path | None) -> ResolvedWeights:
+    """The files of a preset that ships its weights: in the package folder, or in `path` laid out the same way."""
+    files = _official_files(config)
+    folder = PACKAGE_WEIGHTS / files.repo_id if path is None else Path(path).expanduser()
+    absent = [name for name in (files.transformer, files.vae) if not (folder / name).is_file()]
+    if not (folder / files.text_encoder_repo).is_dir():
+        absent.append(f"{files.text_encoder_repo}/")
+    if not absent:
+        return ResolvedWeights(folder / files.transformer, folder / files.vae, folder / files.text_encoder_repo)
+    lacks = f"{folder} lacks {', '.join(absent)}"
+    if path is None:
+        raise WeightsUnavailableError(
+            f"the varserve package is incomplete: the {config.name} model's weights ship inside it, but {lacks}. "
+            f"Reinstall varserve from a copy that has varserve/weights/{files.repo_id}/."
+        )
+    raise FileNotFoundError(f"{lacks}: a {config.name} weights folder holds {files.transformer}, {files.vae} and "
+                            f"{files.text_encoder_repo}/ (the layout of {PACKAGE_WEIGHTS / files.repo_id})")
 
 
 def hub_call(fetch: Callable[[], str], repo_id: str, files: Iterable[str], advice: str) -> Path:

@@ -7,12 +7,14 @@ from dataclasses import dataclass, replace
 
 @dataclass(frozen=True)
 class WeightFiles:
-    """Where a preset's official weights live on the Hugging Face Hub."""
+    """Where a preset's weights live: a Hugging Face Hub repo, or (`in_package`) the folder
+    varserve/weights/{repo_id}/ shipped inside the installed package, never downloaded."""
 
-    repo_id: str
-    transformer: str  # a .pth file, or a folder of shards
+    repo_id: str  # with in_package: the folder's name under varserve/weights/
+    transformer: str  # a .pth/.safetensors file, or a folder of shards
     vae: str
-    text_encoder_repo: str
+    text_encoder_repo: str  # with in_package: the text encoder's subfolder
+    in_package: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,13 +77,19 @@ PRESETS: dict[str, ModelConfig] = {
         name="infinity-8b", depth=40, width=3584, num_heads=28, d_vae=56, vae="d56",
         weights=WeightFiles(_HF_REPO, "infinity_8b_weights", "infinity_vae_d56_f8_14_patchify.pth", "google/flan-t5-xl"),
     ),
-    # Small configs of the same architecture that run fast on a CPU (random or shipped weights).
+    # The small model trained on procedural shapes (varserve/training/), shipped inside the package.
     "tiny": ModelConfig(
-        name="tiny", depth=4, width=128, num_heads=4, d_vae=16, text_dim=64, text_maxlen=128,
+        name="tiny", depth=7, width=256, num_heads=4, d_vae=16, text_dim=64,
+        text_maxlen=40, block_chunks=7, pool_head_dim=16, vae="shapes", text_encoder="shapes",
+        weights=WeightFiles("tiny", "transformer.safetensors", "vae.safetensors", "text_encoder", in_package=True),
+    ),
+    # Small random-weight configs of the same architecture that run fast on a CPU (tests, benchmarks).
+    "test-small": ModelConfig(
+        name="test-small", depth=4, width=128, num_heads=4, d_vae=16, text_dim=64, text_maxlen=128,
         block_chunks=2, pool_head_dim=16, vae="tiny", text_encoder="tiny",
     ),
-    "tiny-deep": ModelConfig(
-        name="tiny-deep", depth=8, width=128, num_heads=4, d_vae=16, text_dim=64, text_maxlen=128,
+    "test-deep": ModelConfig(
+        name="test-deep", depth=8, width=128, num_heads=4, d_vae=16, text_dim=64, text_maxlen=128,
         block_chunks=4, pool_head_dim=16, vae="tiny", text_encoder="tiny",
     ),
 }

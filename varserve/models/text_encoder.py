@@ -53,6 +53,8 @@ class TextEncoderConfig:
 TEXT_ENCODER_PRESETS: dict[str, TextEncoderConfig] = {
     "flan-t5-xl": TextEncoderConfig(name="flan-t5-xl", d_model=2048, max_length=512, hf_repo="google/flan-t5-xl"),
     "tiny": TextEncoderConfig(name="tiny", d_model=64, max_length=128),
+    "shapes": TextEncoderConfig(name="shapes", d_model=64, max_length=40, num_layers=4,
+                                num_heads=4, d_ff=256, architecture="small"),
 }
 
 

@@ -25,7 +25,8 @@ with L = len(ch_mult), R = num_res_blocks, C_i = channels * ch_mult[i], d = code
 `X.norm.weight`); so does `load_vae`. Recognised and ignored: `encoder.*` (the image encoder), `quantizer.*` and
 `quantize.*` (the BSQ quantizer, registered under both names by the official AutoEncoder; its only state in these
 configs is the `lfq.mask` bit-weight buffer), and `perceptual_model.*` (the BitVAE trainer's LPIPS network,
-should a file carry it). Anything else is an error.
+should a file carry it). Anything else is an error. A .safetensors file holds the state dict itself (the
+vae.safetensors of the models trained in varserve/training/, in this key layout) and is checked the same way.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 Hw = tuple[int, int]
@@ -101,6 +103,8 @@ VAE_PRESETS: dict[str, VAEConfig] = {
                      stride=8, patchify=True),
     "tiny": VAEConfig("tiny", codebook_dim=16, channels=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1,
                       stride=16, patchify=False),
+    "shapes": VAEConfig("shapes", codebook_dim=16, channels=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1,
+                        stride=16, patchify=False),
 }
 
 
@@ -254,6 +258,12 @@ def _unwrapped(key: str) -> str:
     return key
 
 
+def _read_file(path: Path) -> object:
+    if path.suffix == ".safetensors":
+        return load_file(path, device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def _vae_state(raw: object, path: str) -> Mapping[str, object]:
     if isinstance(raw, Mapping) and isinstance(raw.get("vae"), Mapping):
         return raw["vae"]
@@ -290,14 +300,15 @@ def _match_state(model: BSQVAE, state: Mapping[str, object], path: str) -> dict[
 
 def load_vae(config: VAEConfig | str, path: str | Path | None = None, *, seed: int = 0,
              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> BSQVAE:
-    """An official VAE .pth loaded strictly, or a seeded random init when `path` is None."""
+    """A VAE file (an official .pth, or a .safetensors state dict) loaded strictly, or a seeded random init when
+    `path` is None."""
     cfg = VAE_PRESETS[config] if isinstance(config, str) else config
     if path is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = BSQVAE(cfg)
     else:
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        raw = _read_file(Path(path))
         with torch.device("meta"):
             model = BSQVAE(cfg)
         model.load_state_dict(_match_state(model, _vae_state(raw, str(path)), str(path)), assign=True)

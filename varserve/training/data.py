@@ -61,13 +61,13 @@ REGIONS: tuple[str, ...] = (
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )  # region index = row * 3 + column
-# Every word a prompt can hold (the shapes model's WordTokenizer vocabulary), in a fixed order.
+# Every word a prompt can hold (the tiny model's WordTokenizer vocabulary), in a fixed order.
 VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(
     ["a", "at", "the", "and", "on", "background", ","] + list(COLOUR_NAMES) + list(SHAPES) + ["small", "big"]
     + [word for region in REGIONS for word in region.split()]
 ))
 MAX_OBJECTS = 3
-MAX_PROMPT_BYTES = 127  # the tiny text encoder takes 128 tokens, </s> included
+MAX_PROMPT_BYTES = 127  # the byte-level `tiny` text encoder preset (test-small's) takes 128 tokens, </s> included
 OBJECT_COUNT_PROBS = (0.25, 0.35, 0.4)  # before long prompts are redrawn
 NEUTRAL_BACKGROUND_PROB = 0.6
 

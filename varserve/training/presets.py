@@ -1,12 +1,13 @@
-"""Configs of the shipped small model ("shapes"), until they are registered with the serving presets.
+"""Configs of the shipped small model: the `tiny` model preset, with the `shapes` VAE and text encoder presets.
 
 The transformer is Infinity's architecture at depth 7, width 256 (4 heads of 64), 16 bits per token (depth 7 keeps
-the three weight files under 20 MB in bf16); the VAE decoder is the `tiny` preset's shape (stride 16, 16 bits); the
-text encoder is a `SmallTextEncoder` of width 64 over the prompts' words (trained here, see train.py). Images are 512x512: the 1:1
-schedule of the 512 budget, 10 scales, 2521 tokens, last grid 32x32.
+the three weight files under 20 MB in bf16); the VAE decoder has the `tiny` VAE preset's shape (stride 16, 16 bits);
+the text encoder is a `SmallTextEncoder` of width 64 over the prompts' words (trained here, see train.py). Images are
+512x512: the 1:1 schedule of the 512 budget, 10 scales, 2521 tokens, last grid 32x32.
 
-When `varserve.models.config.PRESETS`, `vae.VAE_PRESETS` or `text_encoder.TEXT_ENCODER_PRESETS` hold an entry of the
-same name, it must equal the one here (`registered_or_local` checks).
+They are registered in `varserve.models.config.PRESETS`, `vae.VAE_PRESETS` and `text_encoder.TEXT_ENCODER_PRESETS`
+(the lines `preset_lines()` prints), with the weights in the package folder varserve/weights/tiny/; a registered
+entry of the same name must equal the one here (`registered_or_local` checks).
 """
 
 from __future__ import annotations
@@ -18,20 +19,17 @@ from varserve.models.schedule import ScaleSchedule, get_schedule
 from varserve.models.text_encoder import TEXT_ENCODER_PRESETS, TextEncoderConfig
 from varserve.models.vae import VAE_PRESETS, VAEConfig
 
-NAME = "shapes"
+NAME = "tiny"
 
 VAE = VAEConfig("shapes", codebook_dim=16, channels=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, stride=16,
                 patchify=False)
 TEXT_ENCODER = TextEncoderConfig(name="shapes", d_model=64, max_length=40, num_layers=4, num_heads=4, d_ff=256,
                                  architecture="small")
 MODEL = ModelConfig(
-    name="shapes", depth=7, width=256, num_heads=4, d_vae=16, text_dim=64, text_maxlen=40, block_chunks=7,
+    name=NAME, depth=7, width=256, num_heads=4, d_vae=16, text_dim=64, text_maxlen=40, block_chunks=7,
     pool_head_dim=16, vae="shapes", text_encoder="shapes",
 )
 IMAGE_SIZE = "512x512"
-# What the registered preset's WeightFiles.repo_id could say: the weights ship inside the package, in
-# varserve/weights/shapes/ (transformer.safetensors, vae.safetensors, text_encoder/, config.json).
-WEIGHTS_REPO = "varserve/weights/shapes"
 
 
 def schedule() -> ScaleSchedule:
@@ -70,15 +68,16 @@ def preset_lines(model: ModelConfig = MODEL, vae: VAEConfig = VAE, text: TextEnc
         f'd_vae={model.d_vae}, text_dim={model.text_dim},',
         f'        text_maxlen={model.text_maxlen}, block_chunks={model.block_chunks}, '
         f'pool_head_dim={model.pool_head_dim}, vae="{model.vae}", text_encoder="{model.text_encoder}",',
-        f'        weights=WeightFiles("{WEIGHTS_REPO}", "transformer.safetensors", "vae.safetensors", "text_encoder"),',
+        f'        weights=WeightFiles("{model.name}", "transformer.safetensors", "vae.safetensors", "text_encoder", '
+        "in_package=True),",
         "    ),",
         "# varserve/models/vae.py, in VAE_PRESETS:",
         f'    "{vae.name}": VAEConfig("{vae.name}", codebook_dim={vae.codebook_dim}, channels={vae.channels}, '
         f"ch_mult={vae.ch_mult}, num_res_blocks={vae.num_res_blocks},",
-        f"                      stride={vae.stride}, patchify={vae.patchify}),",
+        " " * len(f'    "{vae.name}": VAEConfig(') + f"stride={vae.stride}, patchify={vae.patchify}),",
         "# varserve/models/text_encoder.py, in TEXT_ENCODER_PRESETS:",
         f'    "{text.name}": TextEncoderConfig(name="{text.name}", d_model={text.d_model}, '
         f"max_length={text.max_length}, num_layers={text.num_layers},",
-        f"                                num_heads={text.num_heads}, d_ff={text.d_ff}, "
+        " " * len(f'    "{text.name}": TextEncoderConfig(') + f"num_heads={text.num_heads}, d_ff={text.d_ff}, "
         f'architecture="{text.architecture}"),',
     ])

@@ -1,6 +1,6 @@
 """One command: procedural data -> BSQ VAE -> transformer -> weights folder -> prompt accuracy of real generations.
 
-    python -m varserve.training.train --out varserve/weights/shapes --minutes 18
+    python -m varserve.training.train --out varserve/weights/tiny --minutes 20
 
 Phases (each time-boxed; the transformer gets whatever the total budget leaves after the VAE, minus a reserve for
 export and evaluation):
@@ -21,10 +21,10 @@ colour goes with which region; and a small T5 trained from scratch learnt that b
 `SmallTextEncoder`). The shipped encoder is a `SmallTextEncoder` over a `WordTokenizer` of the prompts' 28 words;
 it loads with `TextEncoder.load(config, folder)`.
 
-Measured on one H100 (torch 2.11) in shortened runs: the VAE at ~320 whole 512x512 pictures/s (batch 32; the first
-step compiles for ~50 s); the transformer at ~460 images/s (batch 64, 2521 tokens each, peak 20 GiB; ~20 s of
-compilation); dense generation for the evaluation 0.25-0.75 s per image. With the default 18 minutes: ~4.3 min of
-VAE (~65k pictures), ~12 min of transformer (~320k images, ~5000 steps), ~1 min of export and evaluation.
+Measured on one H100 (torch 2.11): the VAE at ~320 whole 512x512 pictures/s (batch 32; the first step compiles
+for ~70 s); the text warm-up parses all held-out prompts after ~600 steps (10 s); the transformer at ~510 images/s
+(batch 64, 2521 tokens each, peak 17.4 GiB); dense generation for the evaluation 0.2-0.5 s per image. With the
+default 20 minutes: ~6.6 min of VAE, ~11 min of transformer (~5000 steps), ~1 min of export and evaluation.
 
 `--resume` reuses `<work>/vae.pt` (skipping the VAE phase) and starts the transformer from `<work>/transformer.pt`.
 `--eval-only` evaluates an existing `<out>` folder.
@@ -41,12 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from varserve.models.checkpoint import load_into, load_transformer_state_dict
+from varserve.models.checkpoint import ResolvedWeights
 from varserve.models.config import ModelConfig
 from varserve.models.generation import ScaleSampling
 from varserve.models.infinity import Infinity
+from varserve.models.loader import load_files
 from varserve.models.reference import generate_dense
 from varserve.models.schedule import get_schedule
 from varserve.models.text_encoder import TextEncoder, TextEncoderConfig, WordTokenizer
@@ -64,10 +65,10 @@ EVAL_SEED_OFFSET = 1_000_003
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="varserve/weights/shapes", help="weights folder to write")
-    p.add_argument("--work", default="out/train_shapes", help="checkpoints, scenes, logs, sample sheets")
-    p.add_argument("--minutes", type=float, default=18.0, help="wall-clock budget of the whole run")
-    p.add_argument("--vae-minutes", type=float, default=None, help="default: 24%% of --minutes")
+    p.add_argument("--out", default="varserve/weights/tiny", help="weights folder to write")
+    p.add_argument("--work", default="out/train_tiny", help="checkpoints, scenes, logs, sample sheets")
+    p.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget of the whole run")
+    p.add_argument("--vae-minutes", type=float, default=None, help="default: 33%% of --minutes")
     p.add_argument("--transformer-minutes", type=float, default=None,
                    help="default: what --minutes leaves after the VAE and the reserve")
     p.add_argument("--reserve-minutes", type=float, default=1.5, help="kept for export and evaluation")
@@ -121,32 +122,17 @@ def export(out: Path, model: Infinity, vae: BSQVAE, text: TextEncoder, extra: di
     return {str(p.relative_to(out)): p.stat().st_size for p in files}
 
 
-def load_vae_file(config: VAEConfig, path: Path, device, dtype=torch.float32) -> BSQVAE:
-    """A vae.safetensors (BSQVAE state dict, the official decoder key layout) into varserve's BSQVAE, strictly."""
-    vae = BSQVAE(config)
-    state = {k: v for k, v in load_file(str(path)).items() if k.startswith("decoder.")}
-    vae.load_state_dict(state, strict=True)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
 def load_trained(folder: Path, device: torch.device, dtype: torch.dtype | None = None):
-    """(model config, transformer, vae, text encoder) of a weights folder, loaded as varserve's loader does
-    (bf16 transformer and fp16 T5 on CUDA, fp32 on CPU; the VAE in fp32)."""
+    """(model config, transformer, vae, text encoder) of a weights folder of any config.json, loaded by varserve's
+    loader (bf16 transformer and fp16 text encoder on CUDA, fp32 on CPU; the VAE in fp32)."""
     meta = json.loads((folder / "config.json").read_text())
     cfg = ModelConfig(**meta["model"])
     vcfg = VAEConfig(**{**meta["vae"], "ch_mult": tuple(meta["vae"]["ch_mult"])})
     tcfg = TextEncoderConfig(**meta["text_encoder"])
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    with torch.device("meta"):
-        model = Infinity(cfg)
-    model.to_empty(device="cpu")
-    load_into(model, load_transformer_state_dict(folder / "transformer.safetensors"))
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    vae_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    vae = load_vae_file(vcfg, folder / "vae.safetensors", device, vae_dtype)
-    text_dtype = torch.float16 if dtype in (torch.bfloat16, torch.float16) else dtype
-    text = TextEncoder.load(tcfg, folder / "text_encoder", device=device, dtype=text_dtype)
-    return cfg, model, vae, text
+    files = ResolvedWeights(folder / "transformer.safetensors", folder / "vae.safetensors", folder / "text_encoder")
+    loaded = load_files(cfg, vcfg, tcfg, files, device, dtype)
+    return cfg, loaded.transformer.requires_grad_(False), loaded.vae, loaded.text_encoder
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------
@@ -296,7 +282,7 @@ def main(argv=None) -> dict:
         vae_stats = state.get("stats", {})
         log(f"VAE: resumed from {vae_ckpt}")
     else:
-        vae_minutes = args.vae_minutes if args.vae_minutes is not None else 0.24 * args.minutes
+        vae_minutes = args.vae_minutes if args.vae_minutes is not None else 0.33 * args.minutes
         vcfg = VAETrainConfig(minutes=vae_minutes, batch_size=args.vae_batch_size, lr=args.vae_lr,
                               image_size=image_size, crop=args.vae_crop, seed=args.seed, compile=not args.no_compile)
         vae_stats = train_vae(vae, encoder, train_scenes, scales, vcfg, device)
