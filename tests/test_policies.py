@@ -75,6 +75,20 @@ def test_scalekv_calibration_is_deterministic_and_sets_the_drafters(tmp_path: Pa
         assert b.drafters == (int(np.argmin(asi[s])),)
 
 
+def test_the_shipped_tiny_model_brings_its_own_calibrations() -> None:
+    """varserve calibrate's files for tiny ship in varserve/cache/presets and apply without kv_calibration."""
+    tiny, schedule = get_config("tiny"), parse_size("512x512")
+    heat = make_policy("heatkv", 0.1)
+    explicit = make_policy("heatkv", 0.1, str(PRESETS / "heatkv-calibration-tiny.json"))
+    assert np.array_equal(heat.plan(tiny, schedule).kept, explicit.plan(tiny, schedule).kept)
+    assert heat.plan(tiny, schedule).kept.sum() < FullPolicy().plan(tiny, schedule).kept.sum()
+    asi = json.loads((PRESETS / "scalekv-calibration-tiny.json").read_text())["asi"]
+    for s, b in make_policy("scalekv", 0.1).scale_budgets(tiny, schedule).items():
+        assert b.drafters == tuple(sorted(np.argsort(asi[s], kind="stable")[:len(b.drafters)].tolist()))
+    with pytest.raises(ValueError, match="none ships for test-small"):  # other models still need a file
+        heat.plan(TEST_SMALL, parse_size("256x256"))
+
+
 # ---- the released tables and formulas ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["infinity-2b", "infinity-8b"])

@@ -28,6 +28,18 @@ def load_calibration(path: str | Path) -> dict:
     return data
 
 
+SHIPPED = Path(__file__).parent / "presets"
+
+
+def calibration_for(policy: str, cfg: ModelConfig, path: str | Path | None) -> str | Path | None:
+    """`path` if given, else the calibration shipped for the model (varserve/cache/presets/
+    <policy>-calibration-<model>.json, made by `varserve calibrate` on the model's own weights), else None."""
+    if path is not None:
+        return path
+    shipped = SHIPPED / f"{policy}-calibration-{cfg.name}.json"
+    return shipped if shipped.is_file() else None
+
+
 def read_calibration(path: str | Path, policy: str, cfg: ModelConfig) -> dict:
     """The calibration file's content; ValueError if it is missing, unreadable, for another policy or model."""
     data = load_calibration(path)

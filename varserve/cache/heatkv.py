@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from varserve.cache.calibration import read_calibration
+from varserve.cache.calibration import calibration_for, read_calibration
 from varserve.cache.plan import KVPlan, KVPolicy, StaticCut, full_counts, plan_from_kept
 from varserve.models.config import ModelConfig
 from varserve.models.schedule import ScaleSchedule
@@ -44,9 +44,9 @@ class HeatKVPolicy(KVPolicy):
         counts = prune_counts(schedule, cfg.depth * cfg.num_heads, self.budget)
         if not counts.any():
             return plan_from_kept(schedule, full_counts(cfg, schedule))
-        if self.calibration is None:
-            raise ValueError(f"heatkv at kv_budget {self.budget} needs S-CAS calibration: pass kv_calibration=PATH "
-                             f"(a file from `varserve calibrate --policy heatkv`)")
+        if calibration_for(self.name, cfg, self.calibration) is None:
+            raise ValueError(f"heatkv at kv_budget {self.budget} needs S-CAS calibration, and none ships for "
+                             f"{cfg.name}: pass kv_calibration=PATH (a file from `varserve calibrate --policy heatkv`)")
         alive = alive_segments(schedule, source_ranks(self.scas(cfg), schedule.num_scales), counts, self.budget)
         n = np.asarray(schedule.tokens, dtype=np.int64)
         # kept after scale s: the segments of sources <= s alive at scale s+1; nothing after the last scale.
@@ -57,7 +57,7 @@ class HeatKVPolicy(KVPolicy):
 
     def scas(self, cfg: ModelConfig) -> np.ndarray:
         """[L, H, S] S-CAS of the calibration file (NaN where a scale is no source)."""
-        data = read_calibration(self.calibration, "heatkv", cfg)
+        data = read_calibration(calibration_for(self.name, cfg, self.calibration), "heatkv", cfg)
         return np.array(data["scas"], dtype=np.float64)
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from varserve.attention import upload
-from varserve.cache.calibration import read_calibration
+from varserve.cache.calibration import calibration_for, read_calibration
 from varserve.cache.plan import KVPlan, KVPolicy, ScoredCut, capped_counts, plan_from_kept
 from varserve.models.config import ModelConfig
 from varserve.models.schedule import ScaleSchedule
@@ -93,8 +93,9 @@ class ScaleKVPolicy(KVPolicy):
             table = next((t for b, t in preset["budgets"].items() if math.isclose(float(b), self.budget)), None)
             if table is not None:
                 return _read_table(table["scales"])
-        if self.calibration is not None:
-            drafters = calibrated_drafters(read_calibration(self.calibration, "scalekv", cfg)["asi"], cfg.depth)
+        calibration = calibration_for(self.name, cfg, self.calibration)
+        if calibration is not None:
+            drafters = calibrated_drafters(read_calibration(calibration, "scalekv", cfg)["asi"], cfg.depth)
         elif preset is not None:
             drafters = _by_scale({s: b.drafters for s, b in _read_table(preset["budgets"]["0.1"]["scales"]).items()})
         else:
