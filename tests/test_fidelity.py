@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from varserve.cli import build_parser, main
-from varserve.fidelity import PSNR_CAP, plan_runs, psnr, ssim
+from varserve.fidelity import PSNR_CAP, _shipped_calibrations, plan_runs, psnr, ssim
 
 FAST = ["--model", "test-small", "--random-weights", "--size", "256x256", "--num-pages", "4096", "--page-size", "16",
         "--no-progress", "--log-level", "WARNING"]
@@ -69,6 +69,9 @@ def test_plan_runs_and_parser():
     runs, skipped = plan_runs(["full", "window", "heatkv"], [0.2, 0.1], None)
     assert runs == [("window", 0.2, None), ("window", 0.1, None)]
     assert [s["policy"] for s in skipped] == ["heatkv"]
+    runs, skipped = plan_runs(["heatkv"], [0.1], None, shipped=["scalekv", "heatkv"])  # tiny ships its own
+    assert runs == [("heatkv", 0.1, None)] and skipped == []
+    assert _shipped_calibrations("tiny") == ["scalekv", "heatkv"] and _shipped_calibrations("test-small") == []
     with pytest.raises(ValueError, match="unknown policy"):
         plan_runs(["nope"], [0.2], None)
     with pytest.raises(ValueError, match="budgets"):

@@ -17,8 +17,8 @@ seeds are generated again and compared with it:
   heads), averaged over the images, and the same in MiB (pages x page bytes).
 
 Policies run one engine at a time (each engine sizes its own page pool; two at once would not fit on a GPU).
-`heatkv` needs a calibration file (`--kv-calibration`, from `varserve calibrate --policy heatkv`): without
-one it is skipped, with the reason printed and recorded under `skipped`. A calibration file is passed only to
+`heatkv` needs a calibration file (`--kv-calibration`, from `varserve calibrate --policy heatkv`) unless the model
+ships one (`tiny` does): without either it is skipped, with the reason printed and recorded under `skipped`. A calibration file is passed only to
 the policy it was made for (its "policy" key). The `full` policy has one row, at budget 1.0.
 """
 
@@ -98,9 +98,10 @@ def _calibration_policy(path: str | None) -> str | None:
     return None if path is None else load_calibration(path)["policy"]
 
 
-def plan_runs(policies: Sequence[str], budgets: Sequence[float], kv_calibration: str | None
-              ) -> tuple[list[tuple[str, float, str | None]], list[dict]]:
-    """(policy, budget, calibration) runs after the full reference, and the skipped policies with reasons."""
+def plan_runs(policies: Sequence[str], budgets: Sequence[float], kv_calibration: str | None,
+              shipped: Sequence[str] = ()) -> tuple[list[tuple[str, float, str | None]], list[dict]]:
+    """(policy, budget, calibration) runs after the full reference, and the skipped policies with reasons.
+    `shipped`: the policies whose calibration ships with the model (they run without --kv-calibration)."""
     from varserve.cache.policy import POLICIES
 
     for p in policies:
@@ -118,7 +119,7 @@ def plan_runs(policies: Sequence[str], budgets: Sequence[float], kv_calibration:
         if p == "full":
             continue  # the reference, always run
         calib = kv_calibration if calib_policy == p else None
-        if p == "heatkv" and calib is None:
+        if p == "heatkv" and calib is None and p not in shipped:
             reason = ("needs a heatkv calibration: give --kv-calibration PATH from `varserve calibrate --policy heatkv`"
                       if calib_policy is None else
                       f"--kv-calibration is a {calib_policy!r} calibration, not a heatkv one")
@@ -126,6 +127,14 @@ def plan_runs(policies: Sequence[str], budgets: Sequence[float], kv_calibration:
             continue
         runs.extend((p, b, calib) for b in dict.fromkeys(budgets))
     return runs, skipped
+
+
+def _shipped_calibrations(model: str) -> list[str]:
+    from varserve.cache.calibration import POLICIES, calibration_for
+    from varserve.models.config import PRESETS
+
+    cfg = PRESETS.get(model)
+    return [] if cfg is None else [p for p in POLICIES if calibration_for(p, cfg, None) is not None]
 
 
 def _release_memory() -> None:
@@ -152,7 +161,7 @@ def run_fidelity(
         raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
-    runs, skipped = plan_runs(list(policies), list(budgets), kv_calibration)
+    runs, skipped = plan_runs(list(policies), list(budgets), kv_calibration, _shipped_calibrations(model))
     for s in skipped:
         log(f"skipping {s['policy']}: {s['reason']}")
     scenes = sample_scenes(num_prompts, SCENE_SEED)
