@@ -25,6 +25,8 @@ from varserve.models.loader import load_model
 from varserve.models.reference import DenseKV, generate_dense
 from varserve.models.schedule import parse_size
 
+from model_fixtures import random_model
+
 CFG = get_config("test-small")  # depth 4 in 2 chunks, width 128, 4 heads of 32, d_vae 16, T5 width 64
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -33,25 +35,6 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 # helpers
 
 
-def random_model(seed: int, dtype: torch.dtype = torch.float64) -> Infinity:
-    """Tiny Infinity with every parameter random (biases non-zero; per-head scales around and above the clamp)."""
-    torch.manual_seed(seed)
-    model = Infinity(CFG).to(dtype).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if name.endswith("scale_mul_1H11"):
-                value = torch.rand(p.shape, generator=g, dtype=torch.float64) * 5.5
-                value.view(-1)[0] = 5.0  # > log(100): clamped
-            elif name.endswith(("text_norm.weight", "ca_norm.weight")):
-                value = 1 + 0.2 * noise
-            elif p.dim() == 2 and name != "cfg_uncond" and not name.endswith("lvl_embed.weight"):
-                value = noise / math.sqrt(p.shape[1])
-            else:
-                value = 0.3 * noise
-            p.copy_(value.to(dtype))
-    return model
 
 
 def text_features(seed: int, length: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -421,11 +404,11 @@ def _official_file(model: Infinity, path, extra_uncond_rows: int = 0) -> dict[st
 
 
 def test_official_checkpoint_loads_and_gives_the_same_logits(tmp_path) -> None:
-    source = random_model(0)
+    source = random_model(CFG, 0)
     _official_file(source, tmp_path / "infinity_tiny.pth", extra_uncond_rows=16)
     loaded = load_transformer_state_dict(tmp_path / "infinity_tiny.pth")
     assert "block_chunks.0.module.0.sa.zero_k_bias" in loaded and "lvl_1L" in loaded
-    target = random_model(1)
+    target = random_model(CFG, 1)
     load_into(target, loaded)
     for (name, a), (_, b) in zip(source.named_parameters(), target.named_parameters()):
         assert torch.equal(a, b), name
@@ -439,9 +422,9 @@ def test_official_checkpoint_loads_and_gives_the_same_logits(tmp_path) -> None:
 
 
 def test_checkpoint_missing_key_or_wrong_shape_names_it(tmp_path) -> None:
-    source = random_model(0)
+    source = random_model(CFG, 0)
     state = _official_file(source, tmp_path / "a.pth")
-    target = random_model(1)
+    target = random_model(CFG, 1)
     before = {k: v.clone() for k, v in target.state_dict().items()}
 
     missing = dict(state)
@@ -471,7 +454,7 @@ SCHEDULE = parse_size("1:2@512")  # non-square: rows and columns placed on the 9
 
 
 def test_text_memory_against_reference() -> None:
-    model = random_model(2)
+    model = random_model(CFG, 2)
     P = dict(model.named_parameters())
     lens = [7, 4, 11]
     feats = [text_features(i, n) for i, n in enumerate(lens)]
@@ -492,7 +475,7 @@ def test_text_memory_against_reference() -> None:
 
 @pytest.mark.parametrize("layer", [0, 3])
 def test_one_block_against_reference_over_scales(layer: int) -> None:
-    model = random_model(3)
+    model = random_model(CFG, 3)
     P = dict(model.named_parameters())
     pre = ref_block_prefixes()[layer]
     block = model.blocks[layer]
@@ -515,7 +498,7 @@ def test_one_block_against_reference_over_scales(layer: int) -> None:
 
 
 def test_full_forward_against_reference_over_scales() -> None:
-    model = random_model(4)
+    model = random_model(CFG, 4)
     P = dict(model.named_parameters())
     lens = [9, 5]
     feats = [text_features(20 + i, n) for i, n in enumerate(lens)]
@@ -539,7 +522,7 @@ def test_full_forward_against_reference_over_scales() -> None:
 
 
 def test_packed_rows_equal_rows_alone() -> None:
-    model = random_model(5)
+    model = random_model(CFG, 5)
     rows = [  # (text length, schedule, scale of the packed call)
         (5, parse_size("1:2@512"), 3),
         (9, parse_size("1024x1024"), 0),
