@@ -35,6 +35,9 @@ def test_generate_prompts_file(tmp_path, capsys):
     rc = main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path), "--cfg", "1", *FAST])
     assert rc == 0
     assert [f.name for f in tmp_path.glob("*.png")] == ["000_a-red-balloon.png"]
+    prompts.write_text("\n \n")
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path), *FAST]) == 2
+    assert f"--prompts-file file {prompts} has no prompts" in capsys.readouterr().err
 
 
 def test_bad_size_exits_2_with_one_line_and_no_traceback(tmp_path):

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from varserve.cache.calibration import add_parser as add_calibrate_parser
+from varserve.cache.calibration import read_prompts
 from varserve.fidelity import add_parser as add_fidelity_parser
 
 logger = logging.getLogger("varserve")
@@ -176,13 +177,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         raise UsageError("give prompts as arguments or --prompts-file, not both")
     if args.prompts_file:
         try:
-            text = args.prompts_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot read --prompts-file: {exc}") from None
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise UsageError(f"--prompts-file {args.prompts_file} has no prompts")
-        return prompts
+            return read_prompts(args.prompts_file, "--prompts-file")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if not args.prompts:
         raise UsageError("no prompts: give one or more PROMPT arguments or --prompts-file")
     return list(args.prompts)

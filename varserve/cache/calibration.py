@@ -91,12 +91,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_prompts(path: Path) -> list[str]:
+def read_prompts(path: Path, option: str = "--prompts") -> list[str]:
+    """The non-blank lines of a prompt file; ValueError naming `option` if it is unreadable or empty."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"cannot read --prompts: {exc}") from None
+        raise ValueError(f"cannot read {option}: {exc}") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"--prompts file {path} has no prompts")
+        raise ValueError(f"{option} file {path} has no prompts")
     return prompts

@@ -25,26 +25,22 @@ from dataclasses import replace
 
 import numpy as np
 
-from varserve.cache.calibration import calibration_for, read_calibration
-from varserve.cache.plan import KVPlan, KVPolicy, StaticCut, full_counts, plan_from_kept
+from varserve.cache.calibration import read_calibration
+from varserve.cache.plan import CalibratedPolicy, KVPlan, StaticCut, full_counts, plan_from_kept
 from varserve.models.config import ModelConfig
 from varserve.models.schedule import ScaleSchedule
 
 PROTECTED_SCALES = 3
 
 
-class HeatKVPolicy(KVPolicy):
+class HeatKVPolicy(CalibratedPolicy):
     name = "heatkv"
-
-    def __init__(self, budget: float = 1.0, calibration: str | None = None):
-        super().__init__(budget)
-        self.calibration = calibration
 
     def plan(self, cfg: ModelConfig, schedule: ScaleSchedule) -> KVPlan:
         counts = prune_counts(schedule, cfg.depth * cfg.num_heads, self.budget)
         if not counts.any():
             return plan_from_kept(schedule, full_counts(cfg, schedule))
-        if calibration_for(self.name, cfg, self.calibration) is None:
+        if self.calibration_file(cfg) is None:
             raise ValueError(f"heatkv at kv_budget {self.budget} needs S-CAS calibration, and none ships for "
                              f"{cfg.name}: pass kv_calibration=PATH (a file from `varserve calibrate --policy heatkv`)")
         alive = alive_segments(schedule, source_ranks(self.scas(cfg), schedule.num_scales), counts, self.budget)
@@ -57,7 +53,7 @@ class HeatKVPolicy(KVPolicy):
 
     def scas(self, cfg: ModelConfig) -> np.ndarray:
         """[L, H, S] S-CAS of the calibration file (NaN where a scale is no source)."""
-        data = read_calibration(calibration_for(self.name, cfg, self.calibration), "heatkv", cfg)
+        data = read_calibration(self.calibration_file(cfg), "heatkv", cfg)
         return np.array(data["scas"], dtype=np.float64)
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Union
 
 import numpy as np
 
+from varserve.cache.calibration import calibration_for
 from varserve.models.config import ModelConfig
 from varserve.models.schedule import ScaleSchedule
 
@@ -155,3 +157,14 @@ class KVPolicy(ABC):
             raise ValueError(f"kv_budget {self.budget} keeps no token of the {schedule.history_tokens}-token history "
                              f"of a {schedule.name} image")
         return tokens
+
+
+class CalibratedPolicy(KVPolicy):
+    """A policy that can read a `varserve calibrate` file: the one given, else the one shipped for the model."""
+
+    def __init__(self, budget: float = 1.0, calibration: str | None = None):
+        super().__init__(budget)
+        self.calibration = calibration
+
+    def calibration_file(self, cfg: ModelConfig) -> str | Path | None:
+        return calibration_for(self.name, cfg, self.calibration)

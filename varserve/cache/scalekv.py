@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from varserve.attention import upload
-from varserve.cache.calibration import calibration_for, read_calibration
-from varserve.cache.plan import KVPlan, KVPolicy, ScoredCut, capped_counts, plan_from_kept
+from varserve.cache.calibration import read_calibration
+from varserve.cache.plan import CalibratedPolicy, KVPlan, ScoredCut, capped_counts, plan_from_kept
 from varserve.models.config import ModelConfig
 from varserve.models.schedule import ScaleSchedule
 
@@ -65,12 +65,8 @@ class ScaleBudget:
 Drafters = Callable[[int], tuple[int, ...]]
 
 
-class ScaleKVPolicy(KVPolicy):
+class ScaleKVPolicy(CalibratedPolicy):
     name = "scalekv"
-
-    def __init__(self, budget: float = 1.0, calibration: str | None = None):
-        super().__init__(budget)
-        self.calibration = calibration
 
     def plan(self, cfg: ModelConfig, schedule: ScaleSchedule) -> KVPlan:
         budgets = self.scale_budgets(cfg, schedule)
@@ -93,7 +89,7 @@ class ScaleKVPolicy(KVPolicy):
             table = next((t for b, t in preset["budgets"].items() if math.isclose(float(b), self.budget)), None)
             if table is not None:
                 return _read_table(table["scales"])
-        calibration = calibration_for(self.name, cfg, self.calibration)
+        calibration = self.calibration_file(cfg)
         if calibration is not None:
             drafters = calibrated_drafters(read_calibration(calibration, "scalekv", cfg)["asi"], cfg.depth)
         elif preset is not None:
