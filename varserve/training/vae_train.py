@@ -132,17 +132,15 @@ def straight_through(f: Tensor, summed: Tensor) -> Tensor:
 
 def vae_loss(recon: Tensor, target: Tensor, f: Tensor, summed: Tensor, commit: float = 0.1,
              edge: float = 0.5, weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-    """weight: [B, 1, H, W] per-pixel weights of the L1, L2 and edge terms (None: all 1)."""
+    """weight: [B, 1, H, W] per-pixel weights of the L1 and L2 terms (None: all 1)."""
     recon, target = recon.float(), target.float()
     weight = torch.ones_like(target[:, :1]) if weight is None else weight
     norm = weight.sum() * target.shape[1]
     l1 = (weight * (recon - target).abs()).sum() / norm
     l2 = (weight * (recon - target).square()).sum() / norm
     grad = recon.new_zeros(())
-    for dim in (-1, -2):  # a difference weighs what the heavier of its two pixels weighs: object outlines count
-        n = weight.shape[dim] - 1
-        pair = torch.maximum(weight.narrow(dim, 1, n), weight.narrow(dim, 0, n))
-        grad = grad + (pair * (recon.diff(dim=dim) - target.diff(dim=dim)).abs()).sum() / (pair.sum() * target.shape[1])
+    for dim in (-1, -2):
+        grad = grad + (recon.diff(dim=dim) - target.diff(dim=dim)).abs().mean()
     commitment = F.mse_loss(f.float(), summed.float().detach())
     loss = l1 + l2 + edge * grad + commit * commitment
     return loss, {"l1": l1.item(), "l2": l2.item(), "edge": grad.item(), "commit": commitment.item()}
