@@ -6,7 +6,8 @@
 import sys
 from pathlib import Path
 
-from varserve import Engine, SamplingParams
+from varserve import Engine
+from varserve.params import default_params
 
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "out/offline_generate")
 out_dir.mkdir(parents=True, exist_ok=True)
@@ -21,8 +22,9 @@ prompts = [
     "a big blue square at the center and a yellow triangle at the bottom right on a black background",
     "a small green circle at the right on a gray background",
 ]
-# One SamplingParams for every prompt, or one per prompt (here: a fixed seed per image).
-params = [SamplingParams(size="512x512", cfg=4.0, seed=i) for i in range(len(prompts))]
+# One SamplingParams for every prompt, or one per prompt (here: a fixed seed per image). default_params fills the
+# fields not given with the model's own defaults (tiny: cfg 2, tau 0.5), as generate() does when given no params.
+params = [default_params("tiny", size="512x512", seed=i) for i in range(len(prompts))]
 
 outputs = engine.generate(prompts, params)  # outputs in input order
 for i, out in enumerate(outputs):

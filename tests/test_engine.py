@@ -14,6 +14,7 @@ import pytest
 from varserve import Engine, SamplingParams
 from varserve.models.generation import ScaleSampling
 from varserve.models.reference import generate_dense
+from varserve.params import default_params
 
 SMALL = "256x256"
 TALL = "1:2@256"
@@ -126,6 +127,26 @@ def test_bad_input_raises_and_engine_keeps_serving(engine: Engine, call, message
 def test_sampling_params_validation_names_the_field(field: str, value) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_default_params_take_given_values_then_the_models_then_samplingparams() -> None:
+    assert default_params("tiny") == SamplingParams(cfg=2.0, tau=0.5)  # tiny's own (ModelConfig.sampling)
+    assert default_params("tiny", cfg=3.0, tau=None, size=SMALL) == SamplingParams(cfg=3.0, tau=0.5, size=SMALL)
+    assert default_params("test-small") == SamplingParams() == default_params(None) == default_params("a/path")
+    with pytest.raises(ValueError, match="cfg"):
+        default_params("tiny", cfg=-1.0)
+
+
+def test_engine_without_params_samples_with_the_models_defaults(engine: Engine) -> None:
+    assert engine.default_params == SamplingParams()  # test-small recommends nothing of its own
+    engine.default_params = SamplingParams(size=SMALL, seed=8, cfg=2.5)
+    try:
+        out = engine.generate("defaults", use_tqdm=False)[0]
+    finally:
+        engine.default_params = SamplingParams()
+    assert (out.size, out.seed) == (SMALL, 8)
+    expected = dense_image(engine, "defaults", SamplingParams(size=SMALL, seed=8, cfg=2.5))
+    np.testing.assert_array_equal(np.asarray(out.image), expected)
 
 
 def test_request_that_can_never_fit_fails_at_once() -> None:

@@ -384,3 +384,13 @@ def test_varserve_serve_drains_on_sigterm(tmp_path: Path) -> None:
 def images_in_engine(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=TIMEOUT).text
     return metric(text, "varserve_num_requests_waiting") + metric(text, "varserve_num_requests_running")
+
+
+def test_request_fields_left_out_come_from_the_engines_default_params() -> None:
+    from varserve.server import parse_request
+
+    defaults = SamplingParams(cfg=2.0, tau=0.5, top_p=0.9)
+    given = parse_request(json.dumps({"prompt": "x", "n": 2, "seed": 7, "tau": 0.8, "size": "512x512"}).encode())
+    params = given.sampling_params(defaults)
+    assert [(p.cfg, p.tau, p.top_p, p.seed, p.size) for p in params] == [
+        (2.0, 0.8, 0.9, 7, "512x512"), (2.0, 0.8, 0.9, 8, "512x512")]

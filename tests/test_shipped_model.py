@@ -8,7 +8,7 @@ without them these tests fail, saying so.
 
 import numpy as np
 
-from varserve import Engine, SamplingParams
+from varserve import Engine
 from varserve.models.checkpoint import PACKAGE_WEIGHTS, WeightsUnavailableError, resolve_weights
 from varserve.models.config import get_config
 from varserve.training import presets
@@ -64,8 +64,11 @@ def test_shipped_weights_are_in_the_package_and_small():
 def test_tiny_draws_what_its_prompts_say():
     require_weights()
     assert [spec.prompt for _, spec in CASES] == [prompt for prompt, _ in CASES]  # the training phrasing
-    params = [SamplingParams(size=presets.IMAGE_SIZE, seed=SEED + i) for i in range(len(CASES))]
-    outputs = Engine("tiny").generate([prompt for prompt, _ in CASES], params, use_tqdm=False)
+    engine = Engine("tiny")
+    assert (engine.default_params.cfg, engine.default_params.tau) == (2.0, 0.5)  # tiny's own sampling
+    params = [engine.default_params.model_copy(update={"size": presets.IMAGE_SIZE, "seed": SEED + i})
+              for i in range(len(CASES))]
+    outputs = engine.generate([prompt for prompt, _ in CASES], params, use_tqdm=False)
     images = np.stack([np.asarray(out.image) for out in outputs])
     assert images.shape == (len(CASES), 512, 512, 3)
     checks, summary = check_images(images, [spec for _, spec in CASES])

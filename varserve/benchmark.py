@@ -96,7 +96,7 @@ def run_benchmark(
         raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    params = params if params is not None else SamplingParams()
+    params = params if params is not None else engine.default_params
     jobs = [_Job(i, p, _with_seed(params, seed + i)) for i, p in enumerate(bench_prompts(num_prompts))]
     replicas = engine.config.data_parallel_size
     _warmup(engine, params, warmup * replicas, seed)

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (defaults: SamplingParams)")
+    g = p.add_argument_group("sampling (defaults: the model's, else SamplingParams')")
     g.add_argument("--size", default="1024x1024",
                    help="WIDTHxHEIGHT from the size table (e.g. 256x256, 512x512, 1024x1024, 720x1440) or "
                         "W:H@BUDGET with BUDGET in 256/512/768/1024 (default: 1024x1024)")
@@ -140,10 +140,9 @@ def _engine(args: argparse.Namespace, **overrides):
 
 
 def _sampling(args: argparse.Namespace, **extra):
-    from varserve.params import SamplingParams
+    from varserve.params import default_params
 
-    values = {k: getattr(args, k) for k in _SAMPLING_KEYS if getattr(args, k) is not None}
-    return SamplingParams(**values, **{k: v for k, v in extra.items() if v is not None})
+    return default_params(args.model, **{k: getattr(args, k) for k in _SAMPLING_KEYS}, **extra)
 
 
 # ---- generate -------------------------------------------------------------------------------------------

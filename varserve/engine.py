@@ -21,7 +21,7 @@ from varserve.model_runner import ModelRunner
 from varserve.models.generation import ScaleSampling, num_rows
 from varserve.models.schedule import ScaleSchedule
 from varserve.outputs import ImageMetrics, ImageOutput
-from varserve.params import SamplingParams
+from varserve.params import SamplingParams, default_params
 from varserve.scheduler.request import Request, RequestStatus
 from varserve.scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -62,6 +62,7 @@ class Engine:
             max_num_batched_tokens=max_num_batched_tokens, page_size=page_size, random_weights=random_weights,
             **kwargs,
         )
+        self.default_params = default_params(self.config.model)
         self.policy = make_policy(self.config.kv_policy, self.config.kv_budget, self.config.kv_calibration)
         self.runner = ModelRunner(self.config, self.policy)
         self.model_config = self.runner.model_config
@@ -80,7 +81,7 @@ class Engine:
         self, prompt: str, params: SamplingParams | None = None, *, request_id: str | None = None, priority: int = 0,
     ) -> str:
         """Queue one image; returns its request id. ValueError for input that can never run."""
-        params, request_id = checked_request(prompt, params, request_id)
+        params, request_id = checked_request(prompt, params, request_id, self.default_params)
         if self.scheduler.find(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.runner.check_prompt(prompt, params.negative_prompt)
@@ -196,7 +197,7 @@ class Engine:
     ) -> list[ImageOutput]:
         """Generate one image per prompt; outputs in input order. Raises RuntimeError if any image failed
         (after every other image of the call is done), never returning a partial result as whole."""
-        prompts, params = _normalize_inputs(prompts, params)
+        prompts, params = _normalize_inputs(prompts, params, self.default_params)
         ids = self._add_all(prompts, params)
         results: dict[str, ImageOutput] = {}
         bar = tqdm(total=len(ids), desc="images", disable=not use_tqdm, unit="img")
@@ -249,18 +250,19 @@ class Engine:
         )
 
 
-def checked_request(prompt: str, params: SamplingParams | None, request_id: str | None) -> tuple[SamplingParams, str]:
+def checked_request(prompt: str, params: SamplingParams | None, request_id: str | None,
+                    default: SamplingParams) -> tuple[SamplingParams, str]:
     """(params, request id) of a request, defaults filled in; ValueError for a bad prompt or params type."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-    params = params if params is not None else SamplingParams()
+    params = params if params is not None else default
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
     return params, request_id if request_id is not None else uuid.uuid4().hex
 
 
 def _normalize_inputs(
-    prompts: str | Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None,
+    prompts: str | Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None, default: SamplingParams,
 ) -> tuple[list[str], list[SamplingParams]]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -269,7 +271,7 @@ def _normalize_inputs(
         if not isinstance(p, str):
             raise ValueError(f"prompts[{i}] must be a str, got {type(p).__name__}")
     if params is None or isinstance(params, SamplingParams):
-        return prompts, [params or SamplingParams()] * len(prompts)
+        return prompts, [params or default] * len(prompts)
     params = list(params)
     if len(params) != len(prompts):
         raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")

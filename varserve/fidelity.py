@@ -154,7 +154,7 @@ def run_fidelity(
     """Run the evaluation (see the module docstring) and return a JSON-ready dict."""
     from varserve.benchmark import device_name, git_commit
     from varserve.engine import Engine
-    from varserve.params import SamplingParams
+    from varserve.params import default_params
     from varserve.training.data import check_images, sample_scenes
 
     if num_prompts < 1:
@@ -167,7 +167,7 @@ def run_fidelity(
     scenes = sample_scenes(num_prompts, SCENE_SEED)
     prompts, specs = scenes.prompts, scenes.specs()
     sampling = dict(sampling or {})
-    params = [SamplingParams(size=size, seed=seed + i, **sampling) for i in range(num_prompts)]
+    params = [default_params(model, size=size, seed=seed + i, **sampling) for i in range(num_prompts)]
     engine_kwargs = dict(engine_kwargs or {})
 
     def run_engine(kwargs: dict) -> tuple[list, dict]:
@@ -288,7 +288,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--output-json", type=Path,
                    help="result file (default: benchmarks/results/fidelity-<model>-<size>-<utc>.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g = p.add_argument_group("sampling and engine (defaults: SamplingParams / Engine)")
+    g = p.add_argument_group("sampling and engine (defaults: the model's sampling, else SamplingParams / Engine)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     g.add_argument("--tau", type=float, help="sampling temperature of the bits")
     g.add_argument("--top-p", type=float, help="top-p of the bits (0 disables)")

@@ -51,7 +51,7 @@ from PIL import Image
 from varserve.config import EngineConfig
 from varserve.engine import Engine, checked_request
 from varserve.outputs import ImageMetrics, ImageOutput
-from varserve.params import SamplingParams
+from varserve.params import SamplingParams, default_params
 
 logger = logging.getLogger("varserve")
 
@@ -81,6 +81,7 @@ class DataParallelEngine(Engine):
 
     def __init__(self, model: str = "tiny", *, data_parallel_size: int, **kwargs: Any):
         self.config = EngineConfig(model=model, data_parallel_size=data_parallel_size, **kwargs)
+        self.default_params = default_params(self.config.model)
         if dist.is_initialized():
             raise RuntimeError("data_parallel_size > 1 needs a process where torch.distributed is not initialized: "
                                "the engine's front end joins its own gloo process group")
@@ -118,7 +119,7 @@ class DataParallelEngine(Engine):
         """Queue one image on the least-loaded replica; returns its request id. ValueError for bad input,
         RuntimeError when no replica is left."""
         self._check_open()
-        params, request_id = checked_request(prompt, params, request_id)
+        params, request_id = checked_request(prompt, params, request_id, self.default_params)
         if request_id in self._routed:
             raise ValueError(f"request id {request_id!r} is already in use")
         while (replica := self._least_loaded()) is not None:  # a replica lost meanwhile: try the next

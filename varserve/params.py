@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from varserve.models.schedule import ScaleSchedule, parse_size
@@ -39,3 +41,15 @@ class SamplingParams(BaseModel):
     @property
     def schedule(self) -> ScaleSchedule:
         return parse_size(self.size)
+
+
+def default_params(model: str | None = None, **given: Any) -> SamplingParams:
+    """SamplingParams of the `given` values (None counts as not given), else the defaults that preset `model`
+    recommends (ModelConfig.sampling: `tiny` samples at cfg 2, tau 0.5), else SamplingParams' own (Infinity's).
+    What Engine.generate and add_request use when no params are passed."""
+    from varserve.models.config import PRESETS
+
+    preset = PRESETS.get(model) if model is not None else None
+    values: dict[str, Any] = dict(preset.sampling) if preset is not None else {}
+    values.update({k: v for k, v in given.items() if v is not None})
+    return SamplingParams(**values)

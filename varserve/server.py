@@ -134,11 +134,12 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError(f"response_format 'png' returns one image: n must be 1, got {self.n}")
         return self
 
-    def sampling_params(self) -> list[SamplingParams]:
-        """One SamplingParams per image: seeds seed, seed+1, ... (or each drawn at random)."""
+    def sampling_params(self, defaults: SamplingParams) -> list[SamplingParams]:
+        """One SamplingParams per image, unset fields from `defaults` (the engine's): seeds seed, seed+1, ... (or
+        each drawn at random)."""
         given = {k: v for k in ("cfg", "tau", "top_p", "negative_prompt") if (v := getattr(self, k)) is not None}
-        return [SamplingParams(size=self.size, seed=None if self.seed is None else self.seed + i, **given)
-                for i in range(self.n)]
+        return [SamplingParams(**{**defaults.model_dump(), **given, "size": self.size,
+                                  "seed": None if self.seed is None else self.seed + i}) for i in range(self.n)]
 
 
 # ---- errors -----------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ class ImageService:
         if body.model is not None and body.model != self.model_name:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
-        params = body.sampling_params()
+        params = body.sampling_params(self.engine.engine.default_params)
         self._admit(len(params))
         self.in_flight += len(params)
         try:

@@ -40,8 +40,8 @@ def _pick(registry: dict, local, what: str):
     if local.name not in registry:
         return local
     registered = registry[local.name]
-    if isinstance(registered, ModelConfig):  # the registered preset may name where its weights live
-        registered = replace(registered, weights=local.weights)
+    if isinstance(registered, ModelConfig):  # where its weights live and how it samples are not architecture
+        registered = replace(registered, weights=local.weights, sampling=local.sampling)
     if registered != local:
         raise ValueError(f"{what} preset {local.name!r} is registered with other values: "
                          f"{registry[local.name]} != {local}")
