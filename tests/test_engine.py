@@ -135,6 +135,9 @@ def test_default_params_take_given_values_then_the_models_then_samplingparams() 
     assert default_params("test-small") == SamplingParams() == default_params(None) == default_params("a/path")
     with pytest.raises(ValueError, match="cfg"):
         default_params("tiny", cfg=-1.0)
+    assert SamplingParams(cfg=2.0).updated(seed=3) == SamplingParams(cfg=2.0, seed=3)
+    with pytest.raises(ValueError, match="tau"):
+        SamplingParams().updated(tau=0.0)  # validated, unlike model_copy
 
 
 def test_engine_without_params_samples_with_the_models_defaults(engine: Engine) -> None:

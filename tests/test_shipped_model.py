@@ -66,8 +66,7 @@ def test_tiny_draws_what_its_prompts_say():
     assert [spec.prompt for _, spec in CASES] == [prompt for prompt, _ in CASES]  # the training phrasing
     engine = Engine("tiny")
     assert (engine.default_params.cfg, engine.default_params.tau) == (2.0, 0.5)  # tiny's own sampling
-    params = [engine.default_params.model_copy(update={"size": presets.IMAGE_SIZE, "seed": SEED + i})
-              for i in range(len(CASES))]
+    params = [engine.default_params.updated(size=presets.IMAGE_SIZE, seed=SEED + i) for i in range(len(CASES))]
     outputs = engine.generate([prompt for prompt, _ in CASES], params, use_tqdm=False)
     images = np.stack([np.asarray(out.image) for out in outputs])
     assert images.shape == (len(CASES), 512, 512, 3)

@@ -97,7 +97,7 @@ def run_benchmark(
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     params = params if params is not None else engine.default_params
-    jobs = [_Job(i, p, _with_seed(params, seed + i)) for i, p in enumerate(bench_prompts(num_prompts))]
+    jobs = [_Job(i, p, params.updated(seed=seed + i)) for i, p in enumerate(bench_prompts(num_prompts))]
     replicas = engine.config.data_parallel_size
     _warmup(engine, params, warmup * replicas, seed)
 
@@ -114,16 +114,12 @@ def run_benchmark(
                    seed, command)
 
 
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    return SamplingParams(**{**params.model_dump(), "seed": seed})  # validated, unlike model_copy
-
-
 def _warmup(engine: Engine, params: SamplingParams, n: int, seed: int) -> None:
     if n == 0:
         return
     t0 = time.perf_counter()
     prompts = [BENCH_PROMPTS[-1 - i % len(BENCH_PROMPTS)] for i in range(n)]
-    engine.generate(prompts, [_with_seed(params, (seed + 10**9 + i) % MAX_SEED) for i in range(n)], use_tqdm=False)
+    engine.generate(prompts, [params.updated(seed=(seed + 10**9 + i) % MAX_SEED) for i in range(n)], use_tqdm=False)
     logger.info("warmup: %d image(s) in %.2f s", n, time.perf_counter() - t0)
 
 

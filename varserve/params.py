@@ -42,6 +42,10 @@ class SamplingParams(BaseModel):
     def schedule(self) -> ScaleSchedule:
         return parse_size(self.size)
 
+    def updated(self, **changes: Any) -> "SamplingParams":
+        """A copy with `changes`, validated (unlike model_copy)."""
+        return SamplingParams(**{**self.model_dump(), **changes})
+
 
 def default_params(model: str | None = None, **given: Any) -> SamplingParams:
     """SamplingParams of the `given` values (None counts as not given), else the defaults that preset `model`
@@ -51,5 +55,4 @@ def default_params(model: str | None = None, **given: Any) -> SamplingParams:
 
     preset = PRESETS.get(model) if model is not None else None
     values: dict[str, Any] = dict(preset.sampling) if preset is not None else {}
-    values.update({k: v for k, v in given.items() if v is not None})
-    return SamplingParams(**values)
+    return SamplingParams(**values).updated(**{k: v for k, v in given.items() if v is not None})

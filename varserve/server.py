@@ -138,8 +138,8 @@ class ImageGenerationRequest(BaseModel):
         """One SamplingParams per image, unset fields from `defaults` (the engine's): seeds seed, seed+1, ... (or
         each drawn at random)."""
         given = {k: v for k in ("cfg", "tau", "top_p", "negative_prompt") if (v := getattr(self, k)) is not None}
-        return [SamplingParams(**{**defaults.model_dump(), **given, "size": self.size,
-                                  "seed": None if self.seed is None else self.seed + i}) for i in range(self.n)]
+        return [defaults.updated(**given, size=self.size, seed=None if self.seed is None else self.seed + i)
+                for i in range(self.n)]
 
 
 # ---- errors -----------------------------------------------------------------------------------------------
