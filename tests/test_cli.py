@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from varserve.cli import main, one_line, slugify
+from varserve.model_runner import STAGES, StageTimer
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "test-small", "--size", "256x256", "--num-pages", "4096", "--log-level", "WARNING"]  # small pool: fast to allocate
@@ -97,6 +99,32 @@ def _check(result: dict, batching: str) -> None:
     assert result["peak_kv_bytes"] == result["peak_kv_pages"] * result["page_bytes"]
     assert result["peak_gpu_memory_bytes"] is None  # CPU
     assert result["command"].startswith("varserve bench")
+    _check_stages(result)
+
+
+def _check_stages(result: dict) -> None:
+    """Every step of these runs holds one scale: the transformer's time splits by scale, with nothing mixed."""
+    stages = result["stage_time_s"]
+    assert list(stages) == ["text_encoder", "transformer", "sampling", "vae_decode"] and min(stages.values()) > 0
+    assert result["device_time_s"] == pytest.approx(sum(stages.values()))
+    assert result["device_time_s"] <= result["elapsed_time"]
+    assert result["text_encoder_time_s"] == stages["text_encoder"]
+    by_scale = result["transformer_time_s_by_scale"]
+    assert list(by_scale) == [str(s) for s in range(result["num_scales"])]
+    assert result["transformer_time_s_mixed_steps"] == 0
+    assert sum(by_scale.values()) == pytest.approx(stages["transformer"])
+
+
+def test_stage_timer_splits_single_scale_steps_only():
+    timer = StageTimer(torch.device("cpu"))
+    for scales in ({0}, {1, 2}, {0}):
+        timer.lap(begin=scales)
+        for _ in STAGES:
+            timer.lap()
+    report = timer.report()
+    assert list(report["transformer_time_s_by_scale"]) == ["0"] and report["transformer_time_s_mixed_steps"] > 0
+    total = report["transformer_time_s_by_scale"]["0"] + report["transformer_time_s_mixed_steps"]
+    assert report["stage_time_s"]["transformer"] == pytest.approx(total)
 
 
 def test_bench_static_waves(tmp_path, capsys):

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from varserve.engine import Engine
+from varserve.model_runner import STAGES, StageTimer
 from varserve.models.generation import num_rows
 from varserve.outputs import ImageOutput
 from varserve.parallel import DataParallelEngine
@@ -123,42 +124,26 @@ def _warmup(engine: Engine, params: SamplingParams, n: int, seed: int) -> None:
     logger.info("warmup: %d image(s) in %.2f s", n, time.perf_counter() - t0)
 
 
-class _TimedEncode:
-    """Stands in for a text encoder's `encode` (as an instance attribute) and sums its device-synchronised
-    seconds."""
-
-    def __init__(self, engine: Engine):
-        self.encode, self.device, self.seconds = engine.runner.text_encoder.encode, engine.runner.device, 0.0
-
-    def __call__(self, prompts):
-        _sync(self.device)
-        t0 = time.perf_counter()
-        result = self.encode(prompts)
-        _sync(self.device)
-        self.seconds += time.perf_counter() - t0
-        return result
-
-
 def _start_measuring(engine: Engine) -> None:
-    """In the engine's process: reset the KV and CUDA peaks and start timing the text encoder."""
+    """In the engine's process: reset the KV and CUDA peaks and start timing the stages of every step."""
     device = engine.runner.device
     engine.allocator.reset_peak()
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    engine.runner.text_encoder.encode = _TimedEncode(engine)  # shadows the method for the benchmark only
+    engine.runner.timer = StageTimer(device)
 
 
 def _stop_measuring(engine: Engine) -> dict:
-    """In the engine's process: wait for the device, stop timing the text encoder, return this engine's figures."""
+    """In the engine's process: wait for the device, stop timing, return this engine's figures."""
     runner = engine.runner
     _sync(runner.device)
-    timed = runner.text_encoder.encode
-    del runner.text_encoder.encode
+    timed, runner.timer = runner.timer.report(), None
     return {
         "device": str(runner.device), "device_name": device_name(runner.device),
         "dtype": str(runner.dtype).removeprefix("torch."), "attention_backend": runner.backend,
-        "max_num_batched_tokens": runner.max_num_batched_tokens, "text_encoder_time_s": timed.seconds,
+        "max_num_batched_tokens": runner.max_num_batched_tokens, **timed,
+        "text_encoder_time_s": timed["stage_time_s"]["text_encoder"],
         "peak_kv_pages": engine.allocator.peak_used,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(runner.device) if runner.device.type == "cuda"
         else None,
@@ -240,6 +225,8 @@ def _report(
         "num_steps": stats["num_steps"],
         "max_images_in_flight": stats["max_in_flight"],
         "num_preemptions": sum(o.metrics.num_preemptions for o in outputs),
+        # device time by stage (sums over data-parallel replicas)
+        **_stage_figures(measured.values()),
         # memory (sums over data-parallel replicas, but peak GPU memory: the largest replica's)
         "peak_gpu_memory_bytes": max(peaks_gpu, default=None),
         "peak_kv_pages": cache["peak_used_pages"],
@@ -279,6 +266,18 @@ def _report(
         "command": command if command is not None else shlex.join(sys.argv),
         "timestamp_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def _stage_figures(measured) -> dict:
+    """Device seconds per stage, and the transformer's per scale, summed over replicas."""
+    stages, by_scale, mixed = dict.fromkeys(STAGES, 0.0), Counter(), 0.0
+    for m in measured:
+        stages = {k: stages[k] + m["stage_time_s"][k] for k in STAGES}
+        by_scale.update(m["transformer_time_s_by_scale"])
+        mixed += m["transformer_time_s_mixed_steps"]
+    return {"stage_time_s": stages, "device_time_s": sum(stages.values()),
+            "transformer_time_s_by_scale": dict(sorted(by_scale.items(), key=lambda kv: int(kv[0]))),
+            "transformer_time_s_mixed_steps": mixed}
 
 
 def _replica_figures(measured: dict[int, dict], served_by: dict[int, int], throughput_time: float) -> list[dict]:
@@ -346,6 +345,7 @@ def format_table(r: dict) -> str:
         ("image tokens/s (no CFG rows)", f"{r['image_tokens_per_second']:,.0f}"),
         ("latency p50 / p95 / max", f"{r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} / "
                                     f"{r['latency_max_s']:.2f} s (mean queue {r['queue_mean_s']:.2f} s)"),
+        ("device time by stage", ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in r["stage_time_s"].items())),
         ("max images in flight", f"{r['max_images_in_flight']} ({r['num_steps']} steps, "
                                  f"{r['num_preemptions']} preemptions)"),
         ("peak KV", f"{r['peak_kv_pages']:,} pages = {r['peak_kv_bytes'] / gib:.3f} GiB "

@@ -4,6 +4,7 @@ device state, runs one step over the current scale of every running request, sam
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from varserve.models.generation import advance, sample_scale, text_rows
 from varserve.models.infinity import TextMemory, make_batch
 from varserve.models.loader import load_model
 from varserve.models.sampler import make_generator
+from varserve.models.text_encoder import TextBatch
 from varserve.scheduler.request import Request
 
 logger = logging.getLogger("varserve")
@@ -27,6 +29,7 @@ DEFAULT_PAGE_SIZE = 32
 CPU_KV_BYTES = 512 * 2**20  # pool size on CPU when num_pages is not given
 ACTIVATION_MARGIN = 1.2  # head room over the profiled peak step
 DECODE_PIXELS = 2 * 1024 * 1024  # pixels per VAE decode call: bounds the decoder's activations
+STAGES = ("text_encoder", "transformer", "sampling", "vae_decode")  # the parts of a step, in order
 
 
 @dataclass
@@ -55,6 +58,7 @@ class ModelRunner:
         self.num_pages = config.num_pages or self._size_pool()
         self.pool = KVPool(self.num_pages, self.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.states: dict[str, RequestState] = {}
+        self.timer: StageTimer | None = None  # set by the benchmark to split device time by stage
 
     # ---- memory sizing --------------------------------------------------------------------------------
     def _size_pool(self) -> int:
@@ -112,10 +116,14 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)
 
-    def _start(self, reqs: list[Request]) -> None:
+    def _encode(self, reqs: list[Request]) -> tuple[TextBatch, TextBatch | None]:
+        """Text encoder outputs of the prompts and of the negative prompts that are given."""
+        negatives = [r.negative_prompt for r in reqs if r.negative_prompt is not None]
         prompts = self.text_encoder.encode([r.prompt for r in reqs])
+        return prompts, self.text_encoder.encode(negatives) if negatives else None
+
+    def _start(self, reqs: list[Request], prompts: TextBatch, neg: TextBatch | None) -> None:
         negatives = [r for r in reqs if r.negative_prompt is not None]
-        neg = self.text_encoder.encode([r.negative_prompt for r in negatives]) if negatives else None
         for i, req in enumerate(reqs):
             neg_index = negatives.index(req) if req in negatives else None
             text = text_rows(self.model, prompts, i, req.rows, neg, neg_index)
@@ -127,14 +135,18 @@ class ModelRunner:
     def execute(self, reqs: list[Request], blocks: BlockManager) -> dict[str, np.ndarray]:
         """Run the next scale of every request; return uint8 RGB images of the ones that finished."""
         reqs = sorted(reqs, key=lambda r: -r.scale_tokens)  # large rows first and contiguous: attention slices
+        self._lap(begin={r.scale for r in reqs})
         new = [r for r in reqs if r.request_id not in self.states]
+        texts = self._encode(new) if new else None
+        self._lap()
         if new:
-            self._start(new)
+            self._start(new, *texts)
         states = [self.states[r.request_id] for r in reqs]
         rows = [(r.scale, r.schedule.scales[r.scale], r.schedule.rope_grid) for r in reqs for _ in range(r.rows)]
         batch = make_batch(self.model, TextMemory.concat([s.text for s in states]), rows)
         kv = PagedKV(self.pool, blocks, reqs, self.backend)
         logits = self.model(torch.cat([s.x for s in states]), batch, kv)
+        self._lap()
         start, finished = 0, []
         for req, state in zip(reqs, states):
             n = req.scale_tokens
@@ -143,7 +155,15 @@ class ModelRunner:
             start += n
             if state.x is None:
                 finished.append(req)
-        return self._decode(finished)
+        self._lap()
+        images = self._decode(finished)
+        self._lap()
+        return images
+
+    def _lap(self, begin: set[int] | None = None) -> None:
+        """With a timer: a step that runs `begin` scales starts, or the current stage of the step ends."""
+        if self.timer is not None:
+            self.timer.lap(begin)
 
     def _decode(self, reqs: list[Request]) -> dict[str, np.ndarray]:
         """VAE-decode finished images, batched by size."""
@@ -163,6 +183,46 @@ class ModelRunner:
         with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
             pixels = self.vae.decode(summed).cpu().numpy()
         return {r.request_id: pixels[i] for i, r in enumerate(reqs)}
+
+
+class StageTimer:
+    """Device time of each stage (STAGES) of every step it sees: CUDA events on CUDA, recorded in the stream
+    and read only by `report`, so timing adds no host synchronisation to a step; the host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.steps: list[tuple[frozenset[int], list]] = []  # (scales of the step, stage boundaries)
+
+    def lap(self, begin: set[int] | None = None) -> None:
+        if begin is not None:
+            self.steps.append((frozenset(begin), []))
+        self.steps[-1][1].append(self._now())
+
+    def _now(self) -> torch.cuda.Event | float:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def report(self) -> dict:
+        """Seconds per stage, summed over steps; the transformer's seconds per scale from the steps that ran
+        a single scale (a step mixing scales cannot be split: its time goes to `transformer_time_s_mixed_steps`)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        stages, by_scale, mixed = dict.fromkeys(STAGES, 0.0), {}, 0.0
+        for scales, marks in self.steps:
+            spans = [a.elapsed_time(b) / 1e3 if self.cuda else b - a for a, b in zip(marks, marks[1:])]
+            for stage, seconds in zip(STAGES, spans):
+                stages[stage] += seconds
+            transformer = spans[1] if len(spans) > 1 else 0.0
+            if len(scales) == 1:
+                (scale,) = scales
+                by_scale[scale] = by_scale.get(scale, 0.0) + transformer
+            else:
+                mixed += transformer
+        return {"stage_time_s": stages, "transformer_time_s_by_scale": {str(k): by_scale[k] for k in sorted(by_scale)},
+                "transformer_time_s_mixed_steps": mixed}
 
 
 class _ProfileKV:
