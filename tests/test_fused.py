@@ -50,3 +50,20 @@ def test_compiled_elementwise_match_eager() -> None:
     ]
     for fast, slow in pairs:
         assert rel_error(fast, slow) < 1e-2
+
+
+@pytest.mark.gpu
+def test_compiled_group_norm_swish_matches_float64() -> None:
+    g = torch.Generator(device="cpu").manual_seed(2)
+    x = torch.randn(2, 96, 40, 24, generator=g).mul(3).add(1)
+    weight, bias = torch.randn(96, generator=g), torch.randn(96, generator=g)
+    fast = fused.group_norm_swish(x.cuda().bfloat16(), weight.cuda(), bias.cuda(), 24, 1e-6, torch.bfloat16)
+    exact = fused.group_norm_swish.__wrapped__(x.double(), weight.double(), bias.double(), 24, 1e-6, torch.float64)
+    assert fast.dtype == torch.bfloat16 and rel_error(fast.cpu(), exact) < 1e-2
+
+
+def test_group_norm_swish_is_the_reference_formula() -> None:
+    g = torch.Generator(device="cpu").manual_seed(3)
+    x, weight, bias = torch.randn(2, 64, 5, 7, generator=g), torch.randn(64, generator=g), torch.randn(64, generator=g)
+    h = torch.nn.functional.group_norm(x, 32, weight, bias, 1e-6)
+    assert torch.equal(fused.group_norm_swish(x, weight, bias, 32, 1e-6, torch.float32), h * torch.sigmoid(h))

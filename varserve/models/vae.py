@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from varserve.models.fused import group_norm_swish
+
 Hw = tuple[int, int]
 
 IGNORED_PREFIXES = ("encoder.", "quantizer.", "quantize.", "perceptual_model.")
@@ -108,10 +110,6 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 }
 
 
-def _swish(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(x)  # the reference's formula; F.silu may round differently
-
-
 class _Conv(nn.Module):
     """`Conv` of the official code: the nn.Conv2d sits one level down, under `.conv`."""
 
@@ -130,8 +128,11 @@ class _Norm(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(32 if channels % 32 == 0 else 24, channels, eps=1e-6)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x)
+    def swish(self, x: Tensor) -> Tensor:
+        """swish(norm(x)) in the dtype the next conv computes in (autocast's, else x's)."""
+        autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+        return group_norm_swish(x, self.norm.weight, self.norm.bias, self.norm.num_groups, self.norm.eps, dtype)
 
 
 class _ResBlock(nn.Module):
@@ -144,8 +145,8 @@ class _ResBlock(nn.Module):
         self.nin_shortcut = _Conv(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(_swish(self.norm2(h)))
+        h = self.conv1(self.norm1.swish(x))
+        h = self.conv2(self.norm2.swish(h))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -189,7 +190,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
-        return self.conv_out(_swish(self.norm_out(h)))
+        return self.conv_out(self.norm_out.swish(h))
 
 
 def _resize(x: Tensor, hw: Hw, mode: str) -> Tensor:
