@@ -245,7 +245,11 @@ class BSQVAE(nn.Module):
 
         Arithmetic runs in the decoder's output dtype, as in the reference (bf16 there, under autocast).
         """
-        x = self.decoder(summed.to(self.decoder.conv_in.conv.weight.dtype))
+        weight = self.decoder.conv_in.conv.weight
+        # cuDNN's bf16 convs are NHWC: an NCHW map costs a transpose around every conv, and one layout keeps the
+        # compiled GroupNorm from recompiling per stride pattern.
+        layout = torch.channels_last if weight.is_cuda else torch.contiguous_format
+        x = self.decoder(summed.to(weight.dtype, memory_format=layout))
         x = (x.clamp(-1, 1) + 1) / 2
         return x.mul(255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
