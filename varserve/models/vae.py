@@ -132,6 +132,8 @@ class _Norm(nn.Module):
         """swish(norm(x)) in the dtype the next conv computes in (autocast's, else x's)."""
         autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+        if x.is_cuda:  # one layout for the compiled kernel (a no-op copy-wise when decode runs channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         return group_norm_swish(x, self.norm.weight, self.norm.bias, self.norm.num_groups, self.norm.eps, dtype)
 
 
