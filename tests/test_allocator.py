@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from varserve.cache.allocator import BlockAllocator
-from varserve.cache.block_table import BlockTables, pages_for
+from varserve.cache.block_table import BlockTables, PageMoves, pages_for
 
 
 class AllocatorMachine(RuleBasedStateMachine):
@@ -138,6 +138,27 @@ def test_grow_shrink_release_round_trip() -> None:
     tables.release(alloc)
     tables.release(alloc)
     assert alloc.num_used == 0 and tables.num_pages() == 0
+
+
+def test_page_moves_do_what_grow_and_shrink_do() -> None:
+    before, grown, kept = np.array([[3, 0, 9]]), np.array([[7, 5, 17]]), np.array([[2, 5, 4]])
+    moves = PageMoves.between(before, grown, kept, page_size=4)
+    by_moves, by_lengths = (BlockTables(rows=1, layers=1, heads=3, max_pages=5, page_size=4) for _ in range(2))
+    alloc_moves, alloc_lengths = BlockAllocator(50), BlockAllocator(50)
+    assert by_moves.grow(0, before, alloc_moves) and by_lengths.grow(0, before, alloc_lengths)
+    by_moves.apply_grow(0, moves, alloc_moves.allocate(moves.num_grown))
+    assert by_lengths.grow(0, grown, alloc_lengths)
+    np.testing.assert_array_equal(by_moves.table(0), by_lengths.table(0))  # same LIFO pool, same page ids
+    assert by_moves.num_pages() == by_lengths.num_pages() == pages_for(grown, 4).sum()
+    alloc_moves.free(by_moves.apply_shrink(0, moves))
+    by_lengths.shrink(0, kept, alloc_lengths)
+    np.testing.assert_array_equal(by_moves.table(0), by_lengths.table(0))
+    np.testing.assert_array_equal(by_moves.lengths(0), kept)
+    assert alloc_moves.num_used == alloc_lengths.num_used == by_moves.num_pages() == pages_for(kept, 4).sum()
+    with pytest.raises(ValueError, match="other lengths"):  # the moves start from `before`, not from `kept`
+        by_moves.apply_grow(0, moves, alloc_moves.allocate(moves.num_grown))
+    with pytest.raises(ValueError):
+        PageMoves.between(grown, before, kept, page_size=4)  # a grow that shrinks
 
 
 def test_grow_is_all_or_nothing() -> None:

@@ -51,8 +51,6 @@ class ModelRunner:
                             random_weights=config.random_weights, weights=config.weights, seed=config.seed)
         self.model_config, self.model, self.vae, self.text_encoder = (
             loaded.config, loaded.transformer, loaded.vae, loaded.text_encoder)
-        if self.device.type == "cuda":
-            self.vae.to(memory_format=torch.channels_last)  # cuDNN's bf16 convs run NHWC; decode feeds NHWC
         self.page_size = config.page_size or DEFAULT_PAGE_SIZE
         self.page_bytes = KVPool.page_bytes(self.page_size, self.model_config.head_dim, self.dtype)
         self.max_num_batched_tokens = config.max_num_batched_tokens or _default_token_budget(self.device)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from varserve.cache.allocator import BlockAllocator
-from varserve.cache.block_table import BlockTables
+from varserve.cache.block_table import BlockTables, PageMoves
 from varserve.scheduler.request import Request
 
 
@@ -52,23 +52,31 @@ class BlockManager:
         return need <= self.allocator.num_free + sum(self.pages_held(r) for r in reqs)
 
     def begin_layer(self, reqs: list[Request], layer: int) -> LayerPages:
-        tables, lengths, history = [], [], []
-        for req in reqs:
-            t = req.tables
-            before = t.lengths(layer).copy()
-            target = np.broadcast_to(req.plan.attend_len[req.scale, layer], before.shape)
-            if not t.grow(layer, target, self.allocator):
-                raise OutOfPagesError(f"request {req.request_id}: no pages for layer {layer} at scale {req.scale}")
-            req.peak_pages = max(req.peak_pages, t.num_pages())
-            tables.append(t.table(layer))
-            lengths.append(t.lengths(layer))
-            history.append(before)
-        return LayerPages(_pad_cat(tables), np.concatenate(lengths), np.concatenate(history))
+        """Grow every request's tables of `layer` to history + current scale, from one allocation."""
+        moves = self._moves(reqs, layer)
+        pages = self.allocator.allocate(sum(m.num_grown for m in moves))
+        if pages is None:
+            raise OutOfPagesError(f"no pages for layer {layer} of {len(reqs)} requests at scales "
+                                  f"{sorted({r.scale for r in reqs})}")
+        start = 0
+        try:
+            for req, m in zip(reqs, moves):
+                req.tables.apply_grow(layer, m, pages[start : start + m.num_grown])
+                req.peak_pages = max(req.peak_pages, req.tables.num_pages())
+                start += m.num_grown
+        except ValueError:  # a table out of step with its plan (a bug): the pages not placed go back
+            self.allocator.free(pages[start:])
+            raise
+        return LayerPages(_pad_cat([r.tables.table(layer) for r in reqs]), np.concatenate([m.grown for m in moves]),
+                          np.concatenate([m.before for m in moves]))
 
     def end_layer(self, reqs: list[Request], layer: int) -> None:
-        for req in reqs:
-            kept = np.broadcast_to(req.plan.kept[req.scale, layer], req.tables.lengths(layer).shape)
-            req.tables.shrink(layer, kept, self.allocator)
+        """Cut every request's tables of `layer` to what its policy keeps; the pages go back at once."""
+        freed = [r.tables.apply_shrink(layer, m) for r, m in zip(reqs, self._moves(reqs, layer))]
+        self.allocator.free(np.concatenate(freed))
+
+    def _moves(self, reqs: list[Request], layer: int) -> list[PageMoves]:
+        return [r.plan.page_moves(self.page_size, r.rows, r.scale, layer) for r in reqs]
 
 
 def _pad_cat(tables: list[np.ndarray]) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from varserve.cache.allocator import BlockAllocator
@@ -21,6 +23,31 @@ def _segments(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nd
     return entry, pos
 
 
+@dataclass(frozen=True)
+class PageMoves:
+    """What one layer of a request does to its tables at one scale, as flat (row * heads + head, page index)
+    entries: `grow` fills, `shrink` empties; `before`, `grown`, `kept` are the [rows, heads] token lengths
+    before, while attending, and after the cut. Precomputed so a step only copies page ids."""
+
+    before: np.ndarray
+    grown: np.ndarray
+    kept: np.ndarray
+    grow: tuple[np.ndarray, np.ndarray]
+    shrink: tuple[np.ndarray, np.ndarray]
+
+    @staticmethod
+    def between(before: np.ndarray, grown: np.ndarray, kept: np.ndarray, page_size: int) -> "PageMoves":
+        if (grown < before).any() or (kept > grown).any():
+            raise ValueError("a layer must grow to at least what it held and cut to at most what it grew to")
+        held, need, keep = (pages_for(x, page_size) for x in (before, grown, kept))
+        lengths = (np.array(x, dtype=np.int32) for x in (before, grown, kept))
+        return PageMoves(*lengths, _segments(held, need - held), _segments(keep, need - keep))
+
+    @property
+    def num_grown(self) -> int:
+        return len(self.grow[0])
+
+
 class BlockTables:
     """Pages of one request as `[layers, rows, heads, max_pages]` int32 (padded with the null page 0) and
     token lengths `[layers, rows, heads]`. Layer-major so that `table(layer)` is a contiguous view."""
@@ -29,6 +56,7 @@ class BlockTables:
         self.page_size = page_size
         self._pages = np.zeros((layers, rows, heads, max_pages), dtype=np.int32)
         self._lengths = np.zeros((layers, rows, heads), dtype=np.int32)
+        self._num_pages = 0
 
     @property
     def max_pages(self) -> int:
@@ -43,7 +71,7 @@ class BlockTables:
         return _read_only(self._lengths[layer])
 
     def num_pages(self) -> int:
-        return int(pages_for(self._lengths, self.page_size).sum())
+        return self._num_pages
 
     def grow(self, layer: int, new_lengths: np.ndarray, allocator: BlockAllocator) -> bool:
         """Allocate the pages that `new_lengths[rows, heads]` (>= the current lengths) need. All or nothing:
@@ -54,28 +82,48 @@ class BlockTables:
         pages = allocator.allocate(int(need.sum()))
         if pages is None:
             return False
-        entry, pos = _segments(old_n, need)
-        self._flat(layer)[entry, pos] = pages
-        self._lengths[layer] = new_lengths
+        self._fill(layer, _segments(old_n, need), pages, new_lengths)
         return True
+
+    def apply_grow(self, layer: int, moves: PageMoves, pages: np.ndarray) -> None:
+        """Grow as `moves` says with `pages` (moves.num_grown fresh pages); ValueError unless the layer holds
+        what the moves start from."""
+        if not np.array_equal(self._lengths[layer], moves.before):
+            raise ValueError(f"layer {layer} holds other lengths than these page moves start from")
+        self._fill(layer, moves.grow, pages, moves.grown)
+
+    def apply_shrink(self, layer: int, moves: PageMoves) -> np.ndarray:
+        """Cut as `moves` says (after `apply_grow` of the same moves); returns the pages to free."""
+        return self._empty(layer, moves.shrink, moves.kept)
+
+    def _fill(self, layer: int, entries: tuple[np.ndarray, np.ndarray], pages: np.ndarray, lengths: np.ndarray) -> None:
+        self._flat(layer)[entries] = pages
+        self._lengths[layer] = lengths
+        self._num_pages += len(pages)
+
+    def _empty(self, layer: int, entries: tuple[np.ndarray, np.ndarray], lengths: np.ndarray) -> np.ndarray:
+        flat = self._flat(layer)
+        pages = flat[entries]
+        flat[entries] = 0
+        self._lengths[layer] = lengths
+        self._num_pages -= len(pages)
+        return pages
 
     def shrink(self, layer: int, new_lengths: np.ndarray, allocator: BlockAllocator) -> int:
         """Cut lengths to `new_lengths[rows, heads]` (<= the current ones); free the tail pages no longer
         needed. Returns how many pages were freed."""
         new_lengths = self._checked(layer, new_lengths, grow=False)
         new_n = pages_for(new_lengths, self.page_size)
-        entry, pos = _segments(new_n, pages_for(self._lengths[layer], self.page_size) - new_n)
-        flat = self._flat(layer)
-        allocator.free(flat[entry, pos])
-        flat[entry, pos] = 0
-        self._lengths[layer] = new_lengths
-        return len(entry)
+        pages = self._empty(layer, _segments(new_n, pages_for(self._lengths[layer], self.page_size) - new_n), new_lengths)
+        allocator.free(pages)
+        return len(pages)
 
     def release(self, allocator: BlockAllocator) -> None:
         """Free every page; a second call frees nothing."""
         allocator.free(self._pages[self._pages != 0])
         self._pages[:] = 0
         self._lengths[:] = 0
+        self._num_pages = 0
 
     def slots(self, layer: int, start: np.ndarray, count: np.ndarray) -> np.ndarray:
         """int64 flat slots (page * page_size + offset) of tokens [start, start + count) of every

@@ -19,6 +19,7 @@ from typing import Callable, Union
 
 import numpy as np
 
+from varserve.cache.block_table import PageMoves
 from varserve.cache.calibration import calibration_for
 from varserve.models.config import ModelConfig
 from varserve.models.schedule import ScaleSchedule
@@ -78,6 +79,7 @@ class KVPlan:
     kept: np.ndarray
     attend_len: np.ndarray
     cuts: Callable[[int, int], Cut] | None = field(default=None, compare=False)
+    _moves: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_scales(self) -> int:
@@ -93,6 +95,18 @@ class KVPlan:
     def pages_attend(self, page_size: int) -> np.ndarray:
         """[S, L] pages held per layer while that layer attends at each scale."""
         return _pages(self.attend_len, page_size).sum(-1)
+
+    def page_moves(self, page_size: int, rows: int, scale: int, layer: int) -> PageMoves:
+        """The table entries that one layer of a request fills before it attends at `scale` and empties after
+        its cut; memoised, as every request of this plan repeats them."""
+        key = (page_size, rows, scale, layer)
+        if key not in self._moves:
+            before = self.kept[scale - 1, layer] if scale else np.zeros_like(self.kept[0, layer])
+            shape = (rows, self.kept.shape[-1])
+            self._moves[key] = PageMoves.between(
+                *(np.broadcast_to(x, shape) for x in (before, self.attend_len[scale, layer], self.kept[scale, layer])),
+                page_size)
+        return self._moves[key]
 
     def max_pages_per_table(self, page_size: int) -> int:
         return int(_pages(self.attend_len, page_size).max())
