@@ -248,6 +248,22 @@ def test_cuda_backends_match_dense(backend: str, page_size: int, dim: int, monke
 
 
 @pytest.mark.gpu
+def test_sdpa_gather_runs_cudnn_whatever_the_process_wide_order() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pool = Pool(8000, 32, heads=16, dim=128, dtype=torch.bfloat16, device="cuda")
+    requests = gpu_requests(pool, np.random.default_rng(0), uniform=True)
+    flash_first = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with sdpa_kernel(flash_first, set_priority=True), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = paged_attention(**batch(pool, requests), backend="sdpa_gather")
+        torch.cuda.synchronize()
+    kernels = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    assert any("cudnn" in k for k in kernels) and not any("flash_fwd" in k for k in kernels), kernels
+    assert rel_error(out, dense_attention(requests, 128 ** -0.5)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
 def test_cuda_varlen_attention_bf16() -> None:
     gen = torch.Generator().manual_seed(0)
     lq, lk = [256, 1, 64], [77, 12, 512]

@@ -122,30 +122,24 @@ if triton is not None:
                            HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
-        j = tl.arange(0, HALF)[None, :]
         valid = h < HEADS
-        even = h * (2 * HALF) + 2 * j  # offsets of the even elements of every head's row
+        offs = h * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]  # every head's row, read contiguously
         width = HEADS * 2 * HALF  # elements of one token's q (or k, or v)
         row = t * width
-        cos = tl.load(Cos + t * HALF + j)
-        sin = tl.load(Sin + t * HALF + j)
+        cos = tl.load(Cos + t * HALF + tl.arange(0, HALF))[None, :]
+        sin = tl.load(Sin + t * HALF + tl.arange(0, HALF))[None, :]
         scale = tl.load(QScale + h, mask=valid, other=0.0)
         for part in tl.static_range(2):  # 0: q (bias, per-head scale), 1: k
-            base = QKV + 3 * row + part * width
-            xe = tl.load(base + even, mask=valid, other=0.0).to(tl.float32)
-            xo = tl.load(base + even + 1, mask=valid, other=0.0).to(tl.float32)
+            x = tl.load(QKV + 3 * row + part * width + offs, mask=valid, other=0.0).to(tl.float32)
             if part == 0:
-                xe += tl.load(QBias + even, mask=valid, other=0.0).to(tl.float32)
-                xo += tl.load(QBias + even + 1, mask=valid, other=0.0).to(tl.float32)
-            inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(xe * xe + xo * xo, axis=1)), 1e-12)[:, None]
+                x += tl.load(QBias + offs, mask=valid, other=0.0).to(tl.float32)
+            inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]
             if part == 0:
                 inv = inv * scale
-            xe, xo = xe * inv, xo * inv
+            even, odd = tl.split(tl.reshape(x * inv, [BLOCK_H, HALF, 2]))  # the (even, odd) pairs RoPE turns
+            turned = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), [BLOCK_H, 2 * HALF])
             out = Q if part == 0 else K
-            tl.store(out + row + even, (xe * cos - xo * sin).to(out.dtype.element_ty), mask=valid)
-            tl.store(out + row + even + 1, (xe * sin + xo * cos).to(out.dtype.element_ty), mask=valid)
-        vb = QKV + 3 * row + 2 * width
-        offs = h * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
-        vv = tl.load(vb + offs, mask=valid, other=0.0).to(tl.float32)
+            tl.store(out + row + offs, turned.to(out.dtype.element_ty), mask=valid)
+        vv = tl.load(QKV + 3 * row + 2 * width + offs, mask=valid, other=0.0).to(tl.float32)
         vv += tl.load(VBias + offs, mask=valid, other=0.0).to(tl.float32)
         tl.store(V + row + offs, vv.to(V.dtype.element_ty), mask=valid)
