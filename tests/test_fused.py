@@ -36,20 +36,24 @@ def test_triton_cosine_qkv_matches_eager(heads: int, dim: int) -> None:
 
 
 @pytest.mark.gpu
-def test_compiled_elementwise_match_eager() -> None:
+@pytest.mark.parametrize("width", [256, 200])  # 200: a row the kernels cover with a masked power-of-2 block
+def test_row_kernels_match_eager(width: int) -> None:
     g = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(777, 256, generator=g).cuda()
-    scale, shift, gamma = (torch.randn(5, 256, generator=g).cuda() for _ in range(3))
+    x = torch.randn(777, width, generator=g).cuda()
+    scale, shift, gamma = torch.randn(5, 3, width, generator=g).cuda().unbind(1)  # strided rows, as AdaLN's
     rows = torch.randint(0, 5, (777,), generator=g).cuda()
-    y = torch.randn(777, 256, generator=g).cuda().bfloat16()
-    pairs = [
-        (fused.ln_modulate(x, scale, shift, rows, 1e-6, torch.bfloat16),
-         fused.ln_modulate.__wrapped__(x, scale, shift, rows, 1e-6, torch.bfloat16)),
-        (fused.gated_add(x, y, gamma, rows), fused.gated_add.__wrapped__(x, y, gamma, rows)),
-        (fused.residual_add(x, y), fused.residual_add.__wrapped__(x, y)),
-    ]
-    for fast, slow in pairs:
-        assert rel_error(fast, slow) < 1e-2
+    y = torch.randn(777, width, generator=g).cuda().bfloat16()
+    weight, bias = (torch.randn(width, generator=g).cuda().bfloat16() for _ in range(2))
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # fp32 out checks the math itself
+        pairs = [
+            (fused.ln_modulate(x, scale, shift, rows, 1e-6, dtype),
+             fused.ln_modulate.__wrapped__(x, scale, shift, rows, 1e-6, dtype)),
+            (fused.layer_norm_cast(x, weight, bias, 1e-6, dtype),
+             fused.layer_norm_cast.__wrapped__(x, weight, bias, 1e-6, dtype)),
+        ]
+        for fast, slow in pairs:
+            assert fast.dtype == slow.dtype == dtype and rel_error(fast, slow) < tolerance
+    assert rel_error(fused.gated_add(x, y, gamma, rows), fused.gated_add.__wrapped__(x, y, gamma, rows)) < 1e-6
 
 
 @pytest.mark.gpu

@@ -17,6 +17,7 @@ from varserve.attention import (
     paged_attention,
     select_backend,
     slot_mapping,
+    token_rows,
     varlen_attention,
     write_kv,
 )
@@ -145,7 +146,8 @@ def test_slot_mapping_matches_block_tables() -> None:
     start = np.concatenate([r.lens for r in requests]) - np.repeat([5, 3], ROWS)[:, None]
     expected = np.concatenate([r.tables.slots(0, start[2 * i: 2 * i + 2], n)
                                for i, (r, n) in enumerate(zip(requests, (5, 3)))]).reshape(-1, 3)
-    got = slot_mapping(args["block_table"], torch.from_numpy(start), args["cu_seqlens_q"], 16, 4)
+    tokens = token_rows(args["cu_seqlens_q"], 16, torch.device("cpu"))
+    got = slot_mapping(args["block_table"], torch.from_numpy(start), tokens, 4)
     np.testing.assert_array_equal(got.numpy(), expected)
 
 

@@ -8,6 +8,7 @@ from varserve.attention.paged import (
     paged_attention_triton,
     select_backend,
     slot_mapping,
+    token_rows,
     upload,
     write_kv,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "paged_attention_triton",
     "select_backend",
     "slot_mapping",
+    "token_rows",
     "upload",
     "varlen_attention",
     "write_kv",

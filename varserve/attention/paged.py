@@ -96,15 +96,21 @@ def write_kv(k_pages: Tensor, v_pages: Tensor, k: Tensor, v: Tensor, slot_mappin
         _flat(pages).index_copy_(0, slots, x.reshape(-1, x.shape[-1]).to(pages.dtype))
 
 
-def slot_mapping(block_table: Tensor, start: Tensor, cu_seqlens_q: Tensor, total_q: int, page_size: int) -> Tensor:
-    """`[total_q, H]` int64 slots for `write_kv` of packed new tokens, computed on the table's device (no
-    host work per token): token i of row b goes to position start[b, h] + i of (row b, head h)."""
-    cu = upload(cu_seqlens_q, block_table.device, torch.int64)
-    rows = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), torch.diff(cu), output_size=total_q)
-    position = torch.arange(total_q, device=cu.device) - cu[rows]
-    tokens = upload(start, cu.device, torch.int64)[rows] + position[:, None]
-    heads = torch.arange(block_table.shape[1], device=cu.device)
-    return block_table[rows[:, None], heads, tokens // page_size].long() * page_size + tokens % page_size
+def token_rows(cu_seqlens_q: Tensor, total_q: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(row, position within the row) of every packed token, int64 `[total_q]` each, built on `device`; the
+    same for every layer of a step, so a step computes them once."""
+    cu = upload(cu_seqlens_q, device, torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), torch.diff(cu), output_size=total_q)
+    return rows, torch.arange(total_q, device=device) - cu[rows]
+
+
+def slot_mapping(block_table: Tensor, start: Tensor, tokens: tuple[Tensor, Tensor], page_size: int) -> Tensor:
+    """`[total_q, H]` int64 slots for `write_kv` of packed new tokens (`tokens` from `token_rows`), on the
+    table's device: token i of row b goes to position start[b, h] + i of (row b, head h)."""
+    rows, position = tokens
+    positions = upload(start, rows.device, torch.int64)[rows] + position[:, None]
+    heads = torch.arange(block_table.shape[1], device=rows.device)
+    return block_table[rows[:, None], heads, positions // page_size].long() * page_size + positions % page_size
 
 
 def _flat(pages: Tensor) -> Tensor:

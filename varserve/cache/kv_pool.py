@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from varserve.attention import paged_attention, slot_mapping, upload, write_kv
+from varserve.attention import paged_attention, slot_mapping, token_rows, upload, write_kv
 from varserve.cache.block_manager import BlockManager
 from varserve.cache.plan import ScoredCut, StaticCut
 from varserve.cache.scalekv import select_kept
@@ -58,6 +58,7 @@ class PagedKV:
         # Host copies: the attention backends plan on the host, and host metadata spares a device sync.
         self.cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(row_lengths)]), dtype=torch.int32)
         self.first_row = np.cumsum([0] + [r.rows for r in reqs])[:-1]
+        self.tokens: tuple[Tensor, Tensor] | None = None  # token_rows of the step, made at the first layer
 
     def wants_raw_query(self, layer: int) -> bool:
         return any(isinstance(r.plan.cut(r.scale, layer), ScoredCut) for r in self.reqs)
@@ -65,7 +66,9 @@ class PagedKV:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
         pages = self.blocks.begin_layer(self.reqs, layer)
         table = upload(pages.block_table, q.device)
-        slots = slot_mapping(table, torch.from_numpy(pages.history), self.cu_seqlens, q.shape[0], self.pool.page_size)
+        if self.tokens is None:
+            self.tokens = token_rows(self.cu_seqlens, q.shape[0], q.device)
+        slots = slot_mapping(table, torch.from_numpy(pages.history), self.tokens, self.pool.page_size)
         write_kv(self.pool.k_pages, self.pool.v_pages, k, v, slots)
         out = paged_attention(
             q, self.pool.k_pages, self.pool.v_pages, table, torch.from_numpy(pages.seqlens),
