@@ -152,3 +152,12 @@ def test_helpers():
     assert slugify("  A Cat, on a MAT!! ") == "a-cat-on-a-mat"
     assert slugify("???") == "image"
     assert one_line(ValueError("two\nlines")) == "two lines"
+
+
+def test_git_commit_prefers_the_environment(monkeypatch):
+    from varserve.benchmark import git_commit
+
+    monkeypatch.setenv("VARSERVE_GIT_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
+    monkeypatch.delenv("VARSERVE_GIT_COMMIT")
+    assert git_commit() != "abc1234"

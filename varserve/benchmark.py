@@ -294,8 +294,11 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout varserve runs from ('-dirty' appended with uncommitted changes); where there is no
-    git checkout (a copied tree), $VARSERVE_GIT_COMMIT, else 'unknown'."""
+    """$VARSERVE_GIT_COMMIT when set (a tree copied elsewhere: inside another checkout git would name that
+    one's HEAD); else HEAD of the checkout varserve runs from ('-dirty' appended with uncommitted changes), or
+    'unknown' outside any checkout."""
+    if os.environ.get("VARSERVE_GIT_COMMIT"):
+        return os.environ["VARSERVE_GIT_COMMIT"]
     cwd = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
@@ -303,7 +306,7 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("VARSERVE_GIT_COMMIT", "unknown")
+        return "unknown"
     return f"{sha}-dirty" if dirty else sha or "unknown"
 
 
