@@ -209,3 +209,17 @@ def _break_step(engine: Engine) -> None:
         raise RuntimeError("boom")
 
     engine.step = boom
+
+
+@pytest.mark.gpu
+def test_a_cuda_replica_draws_what_a_plain_engine_draws() -> None:
+    """The replica path on CUDA (spawned process, cuda:0, gloo transfers of the images) on the one GPU a test
+    machine may have: bf16, so the same batch on the same device gives the same pixels."""
+    prompts = ["a red circle at the top left", "a blue square", "a green triangle at the bottom"]
+    seeded = [SamplingParams(size="512x512", seed=i) for i in range(len(prompts))]
+    with DataParallelEngine("tiny", data_parallel_size=1, device="cuda") as dp:
+        replicated = dp.generate(prompts, seeded, use_tqdm=False)
+        assert [r["device"] for r in dp.cache_stats()["replicas"]] == ["cuda:0"]
+    plain = Engine("tiny", device="cuda").generate(prompts, seeded, use_tqdm=False)
+    for a, b in zip(replicated, plain):
+        np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
