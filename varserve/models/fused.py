@@ -92,9 +92,10 @@ def _norm_rows(x: Tensor, a: Tensor, b: Tensor, row_index: Tensor, eps: float, d
 def _gated_add_triton(x: Tensor, y: Tensor, gamma: Tensor, row_index: Tensor) -> Tensor:
     T, C = x.shape
     out = torch.empty_like(x)
+    gamma = _unit_last(gamma)
     if T:
         block = triton.next_power_of_2(C)
-        _gated_add_kernel[(T,)](x, y.contiguous(), _unit_last(gamma), row_index, out, C, gamma.stride(0), BLOCK_C=block,
+        _gated_add_kernel[(T,)](x, y.contiguous(), gamma, row_index, out, C, gamma.stride(0), BLOCK_C=block,
                                 num_warps=8 if block >= 2048 else 4)
     return out
 
