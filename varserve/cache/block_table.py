@@ -114,7 +114,8 @@ class BlockTables:
         needed. Returns how many pages were freed."""
         new_lengths = self._checked(layer, new_lengths, grow=False)
         new_n = pages_for(new_lengths, self.page_size)
-        pages = self._empty(layer, _segments(new_n, pages_for(self._lengths[layer], self.page_size) - new_n), new_lengths)
+        dropped = _segments(new_n, pages_for(self._lengths[layer], self.page_size) - new_n)
+        pages = self._empty(layer, dropped, new_lengths)
         allocator.free(pages)
         return len(pages)
 
