@@ -77,47 +77,39 @@ class BlockTables:
         """Allocate the pages that `new_lengths[rows, heads]` (>= the current lengths) need. All or nothing:
         False, with nothing allocated, when the pool is short."""
         new_lengths = self._checked(layer, new_lengths, grow=True)
-        old_n = pages_for(self._lengths[layer], self.page_size)
-        need = pages_for(new_lengths, self.page_size) - old_n
-        pages = allocator.allocate(int(need.sum()))
+        moves = PageMoves.between(self._lengths[layer], new_lengths, new_lengths, self.page_size)
+        pages = allocator.allocate(moves.num_grown)
         if pages is None:
             return False
-        self._fill(layer, _segments(old_n, need), pages, new_lengths)
+        self.apply_grow(layer, moves, pages)
         return True
+
+    def shrink(self, layer: int, new_lengths: np.ndarray, allocator: BlockAllocator) -> int:
+        """Cut lengths to `new_lengths[rows, heads]` (<= the current ones); free the tail pages no longer
+        needed. Returns how many pages were freed."""
+        new_lengths = self._checked(layer, new_lengths, grow=False)
+        held = self._lengths[layer]
+        pages = self.apply_shrink(layer, PageMoves.between(held, held, new_lengths, self.page_size))
+        allocator.free(pages)
+        return len(pages)
 
     def apply_grow(self, layer: int, moves: PageMoves, pages: np.ndarray) -> None:
         """Grow as `moves` says with `pages` (moves.num_grown fresh pages); ValueError unless the layer holds
         what the moves start from."""
         if not np.array_equal(self._lengths[layer], moves.before):
             raise ValueError(f"layer {layer} holds other lengths than these page moves start from")
-        self._fill(layer, moves.grow, pages, moves.grown)
+        self._flat(layer)[moves.grow] = pages
+        self._lengths[layer] = moves.grown
+        self._num_pages += len(pages)
 
     def apply_shrink(self, layer: int, moves: PageMoves) -> np.ndarray:
         """Cut as `moves` says (after `apply_grow` of the same moves); returns the pages to free."""
-        return self._empty(layer, moves.shrink, moves.kept)
-
-    def _fill(self, layer: int, entries: tuple[np.ndarray, np.ndarray], pages: np.ndarray, lengths: np.ndarray) -> None:
-        self._flat(layer)[entries] = pages
-        self._lengths[layer] = lengths
-        self._num_pages += len(pages)
-
-    def _empty(self, layer: int, entries: tuple[np.ndarray, np.ndarray], lengths: np.ndarray) -> np.ndarray:
         flat = self._flat(layer)
-        pages = flat[entries]
-        flat[entries] = 0
-        self._lengths[layer] = lengths
+        pages = flat[moves.shrink]
+        flat[moves.shrink] = 0
+        self._lengths[layer] = moves.kept
         self._num_pages -= len(pages)
         return pages
-
-    def shrink(self, layer: int, new_lengths: np.ndarray, allocator: BlockAllocator) -> int:
-        """Cut lengths to `new_lengths[rows, heads]` (<= the current ones); free the tail pages no longer
-        needed. Returns how many pages were freed."""
-        new_lengths = self._checked(layer, new_lengths, grow=False)
-        new_n = pages_for(new_lengths, self.page_size)
-        dropped = _segments(new_n, pages_for(self._lengths[layer], self.page_size) - new_n)
-        pages = self._empty(layer, dropped, new_lengths)
-        allocator.free(pages)
-        return len(pages)
 
     def release(self, allocator: BlockAllocator) -> None:
         """Free every page; a second call frees nothing."""
