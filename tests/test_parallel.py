@@ -7,8 +7,10 @@ ran in and on the thread count, and replicas batch differently from a single eng
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from varserve import Engine, SamplingParams
 from varserve.benchmark import run_benchmark
 from varserve.cli import main
-from varserve.parallel import DataParallelEngine
+from varserve.parallel import DataParallelEngine, _Replica
 
 ENGINE = dict(dtype="float64", num_pages=4096, page_size=16, max_num_seqs=4)
 SIZE = "256x256"
@@ -223,3 +225,13 @@ def test_a_cuda_replica_draws_what_a_plain_engine_draws() -> None:
     plain = Engine("tiny", device="cuda").generate(prompts, seeded, use_tqdm=False)
     for a, b in zip(replicated, plain):
         np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_death_waits_for_a_dying_process_to_report_its_signal() -> None:
+    """A reset connection can arrive before the OS reports the death; the reason must still name the signal."""
+    process = mp.get_context("spawn").Process(target=time.sleep, args=(60,))
+    process.start()
+    replica = _Replica(0, "cpu", process, link=None)
+    assert replica.death() is None
+    threading.Timer(0.3, os.kill, (process.pid, signal.SIGKILL)).start()
+    assert replica.death(wait=10) == "its process was killed by SIGKILL"

@@ -59,6 +59,7 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 1800.0  # a replica loads its model (weights may be downloaded) within this
 STEP_TIMEOUT_S = 600.0  # a replica answers any command (a step, torch.compile included) within this
 SHUTDOWN_TIMEOUT_S = 30.0  # a replica exits within this after 'shutdown', else it is killed
+DEATH_WAIT_S = 2.0  # after a lost connection, how long to wait for the process to report how it ended
 TRANSFER_TIMEOUT_S = 300.0  # gloo and store timeout: one rendezvous or one transfer
 POLL_MIN_S, POLL_MAX_S = 1e-4, 2e-3  # the front end polls doorbells at these intervals (doubling) while it waits
 START_POLL_S = 0.05  # and replicas' start-up at this one
@@ -241,7 +242,7 @@ class DataParallelEngine(Engine):
         try:
             replica.link.send(data)
         except Exception as exc:  # gloo: the connection closed (the process died)
-            self._fail(replica, replica.death() or f"lost its connection: {_one_line(exc)}")
+            self._lost(replica, exc)
             return False
         return True
 
@@ -249,13 +250,18 @@ class DataParallelEngine(Engine):
         try:
             reply = replica.link.recv()
         except Exception as exc:
-            self._fail(replica, replica.death() or f"lost its connection: {_one_line(exc)}")
+            self._lost(replica, exc)
             return None
         if reply[0] == "fatal":
             self._fail(replica, f"raised {reply[1]}")
             return None
         replica.report = reply[-1]
         return reply
+
+    def _lost(self, replica: _Replica, exc: Exception) -> None:
+        # A reset connection usually means the process died; give the OS a moment to report how.
+        death = replica.death(wait=DEATH_WAIT_S)
+        self._fail(replica, death or f"lost its connection: {_one_line(exc)}")
 
     def _check_liveness(self, replicas: list[_Replica]) -> None:
         for replica in replicas:
@@ -354,8 +360,10 @@ class _Replica:
     def name(self) -> str:
         return f"replica {self.index} ({self.device}, pid {self.process.pid})"
 
-    def death(self) -> str | None:
-        """How its process ended, or None while it runs."""
+    def death(self, wait: float = 0.0) -> str | None:
+        """How its process ended (waiting up to `wait` seconds for it to end), or None while it runs."""
+        if wait > 0:
+            self.process.join(wait)
         code = self.process.exitcode
         if code is None:
             return None
