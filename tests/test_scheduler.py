@@ -8,7 +8,7 @@ import pytest
 
 from varserve import Engine, SamplingParams
 from varserve.cache.allocator import BlockAllocator
-from varserve.cache.block_manager import BlockManager
+from varserve.cache.block_manager import BlockManager, OutOfPagesError
 from varserve.cache.policy import FullPolicy
 from varserve.models.config import get_config
 from varserve.models.generation import ScaleSampling
@@ -28,10 +28,8 @@ def make_request(rid: str, size: str = "256x256", rows: int = 2, priority: int =
 
 
 def run_step(blocks: BlockManager, reqs: list[Request]) -> None:
-    """Grow and cut every layer like a model step would."""
-    for layer in range(CFG.depth):
-        blocks.begin_layer(reqs, layer)
-        blocks.end_layer(reqs, layer)
+    """Grow and cut every layer like a model step does."""
+    blocks.plan_step(reqs)
     for req in reqs:
         req.scale += 1
 
@@ -74,6 +72,31 @@ def test_pages_freed_by_one_request_serve_another_in_the_same_step() -> None:
     assert allocator.peak_used <= need
 
 
+def test_a_planned_step_reuses_pages_layer_by_layer_and_fails_before_running_when_short() -> None:
+    a, b = make_request("a"), make_request("b")
+    last = a.schedule.num_scales - 1
+    need = int((a.held[last] + b.held[4]).max())
+    for pool, fits in ((need + 1, True), (need, False)):
+        allocator = BlockAllocator(pool)
+        blocks = BlockManager(allocator, PAGE)
+        for req, scale in ((a, last), (b, 4)):
+            req.scale = 0
+            blocks.start(req)
+            _fill_history(blocks, req, scale)
+        if not fits:
+            with pytest.raises(OutOfPagesError):
+                blocks.plan_step([b, a])
+            continue
+        pages = blocks.plan_step([b, a])
+        assert pages.block_tables.shape[:3] == pages.seqlens.shape == (CFG.depth, 4, CFG.num_heads)
+        tokens = np.array([b.schedule.tokens[4]] * 2 + [a.schedule.tokens[last]] * 2)[None, :, None]
+        np.testing.assert_array_equal(pages.seqlens, pages.history + tokens)
+        held = [set(pages.block_tables[layer, 2:].ravel().tolist()) - {0} for layer in range(CFG.depth)]
+        took = [set(pages.block_tables[layer, :2].ravel().tolist()) - {0} for layer in range(CFG.depth)]
+        assert any(took[layer + 1] & held[layer] for layer in range(CFG.depth - 1))  # B reuses what A freed
+        assert allocator.peak_used <= need and allocator.num_used == blocks.pages_held(a) + blocks.pages_held(b)
+
+
 def _pages_of(req: Request, layer: int) -> set[int]:
     table = req.tables.table(layer)
     return set(table[table != 0].tolist())
@@ -82,10 +105,7 @@ def _pages_of(req: Request, layer: int) -> set[int]:
 def _fill_history(blocks: BlockManager, req: Request, target: int) -> None:
     """Run a request alone up to the start of scale `target`."""
     while req.scale < target:
-        for layer in range(CFG.depth):
-            blocks.begin_layer([req], layer)
-            blocks.end_layer([req], layer)
-        req.scale += 1
+        run_step(blocks, [req])
 
 
 def test_admission_keeps_every_future_step_within_the_pool() -> None:

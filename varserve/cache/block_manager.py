@@ -3,6 +3,9 @@
 Within a step, every layer first grows the tables of all requests to history + current scale
 (`begin_layer`), the model attends, then every table is cut to what the policy keeps (`end_layer`) and the
 freed pages go back to the pool at once, so the next layer of any request in the same step reuses them.
+`plan_step` does this for all layers before the step runs: the counts are static, so the whole step's
+tables are known in advance and reach the device in one copy; the device runs the layers in the same order,
+so a page is rewritten by a later layer only after the attention that read it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,16 @@ class LayerPages:
     history: np.ndarray  # [R, H] int32 tokens held before this scale: the current scale goes after them
 
 
+@dataclass
+class StepPages:
+    """LayerPages of every layer of a step, stacked: `block_tables [L, R, H, max_pages]` (padded with the null
+    page), `seqlens` and `history` `[L, R, H]`."""
+
+    block_tables: np.ndarray
+    seqlens: np.ndarray
+    history: np.ndarray
+
+
 class BlockManager:
     def __init__(self, allocator: BlockAllocator, page_size: int):
         self.allocator = allocator
@@ -50,6 +63,18 @@ class BlockManager:
         """Whether the pool holds the step's peak, counting the pages these requests already hold."""
         need = sum(r.held[r.scale] for r in reqs).max()
         return need <= self.allocator.num_free + sum(self.pages_held(r) for r in reqs)
+
+    def plan_step(self, reqs: list[Request]) -> StepPages:
+        """Grow and cut the tables of every layer, in layer order, as the step will run them."""
+        layers = []
+        for layer in range(reqs[0].plan.kept.shape[1]):
+            layers.append(self.begin_layer(reqs, layer))
+            self.end_layer(reqs, layer)
+        tables = np.zeros((len(layers), *layers[0].block_table.shape[:2], max(r.tables.max_pages for r in reqs)),
+                          dtype=np.int32)
+        for layer, pages in zip(tables, layers):
+            layer[..., : pages.block_table.shape[-1]] = pages.block_table
+        return StepPages(tables, np.stack([p.seqlens for p in layers]), np.stack([p.history for p in layers]))
 
     def begin_layer(self, reqs: list[Request], layer: int) -> LayerPages:
         """Grow every request's tables of `layer` to history + current scale, from one allocation."""

@@ -46,36 +46,38 @@ class KVPool:
 
 
 class PagedKV:
-    """Self-attention over pages for one step. For each layer: the block manager grows the tables of
-    every request (history + current scale), the current K/V are written into their slots, the rows
-    attend through their block tables, the kept tokens of non-prefix cuts are moved to the front of their
-    tables (on the device, batched over the step's rows), then the tables are cut to what the policy keeps."""
+    """Self-attention over pages for one step. Before the step the block manager plans every layer's tables
+    (grown to history + current scale for the attention, then cut to what the policy keeps), and they reach
+    the device in one copy. For each layer: the current K/V are written into their slots, the rows attend
+    through their block tables, then the kept tokens of non-prefix cuts are moved to the front of their
+    tables (on the device, batched over the step's rows)."""
 
     def __init__(self, pool: KVPool, blocks: BlockManager, reqs: list[Request], backend: str | None):
-        self.pool, self.blocks, self.reqs, self.backend = pool, blocks, reqs, backend
+        self.pool, self.reqs, self.backend = pool, reqs, backend
         row_lengths = [r.schedule.tokens[r.scale] for r in reqs for _ in range(r.rows)]
         self.max_seqlen = max(row_lengths)
         # Host copies: the attention backends plan on the host, and host metadata spares a device sync.
         self.cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(row_lengths)]), dtype=torch.int32)
         self.first_row = np.cumsum([0] + [r.rows for r in reqs])[:-1]
+        self.pages = blocks.plan_step(reqs)
+        device = pool.k_pages.device
+        self.block_tables, self.history = upload(self.pages.block_tables, device), upload(self.pages.history, device)
         self.tokens: tuple[Tensor, Tensor] | None = None  # token_rows of the step, made at the first layer
 
     def wants_raw_query(self, layer: int) -> bool:
         return any(isinstance(r.plan.cut(r.scale, layer), ScoredCut) for r in self.reqs)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
-        pages = self.blocks.begin_layer(self.reqs, layer)
-        table = upload(pages.block_table, q.device)
+        table, seqlens = self.block_tables[layer], self.pages.seqlens[layer]
         if self.tokens is None:
             self.tokens = token_rows(self.cu_seqlens, q.shape[0], q.device)
-        slots = slot_mapping(table, torch.from_numpy(pages.history), self.tokens, self.pool.page_size)
+        slots = slot_mapping(table, self.history[layer], self.tokens, self.pool.page_size)
         write_kv(self.pool.k_pages, self.pool.v_pages, k, v, slots)
         out = paged_attention(
-            q, self.pool.k_pages, self.pool.v_pages, table, torch.from_numpy(pages.seqlens),
-            self.cu_seqlens, self.max_seqlen, int(pages.seqlens.max()), 1.0, backend=self.backend,
+            q, self.pool.k_pages, self.pool.v_pages, table, torch.from_numpy(seqlens),
+            self.cu_seqlens, self.max_seqlen, int(seqlens.max()), 1.0, backend=self.backend,
         )
         self._compact(layer, table, raw_q)
-        self.blocks.end_layer(self.reqs, layer)
         return out
 
     def _compact(self, layer: int, table: Tensor, raw_q: Tensor | None) -> None:
