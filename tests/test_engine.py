@@ -7,11 +7,14 @@ sampled images (both sum the same products; only rounding order could differ, fa
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import varserve
 from varserve import Engine, SamplingParams
+from varserve.config import EngineConfig
 from varserve.models.generation import ScaleSampling
 from varserve.models.reference import generate_dense
 from varserve.params import default_params
@@ -112,6 +115,9 @@ def test_abort_waiting_request(engine: Engine) -> None:
         (lambda e: e.generate("x", [SamplingParams(), SamplingParams()], use_tqdm=False), "2 SamplingParams"),
         (lambda e: e.generate("x" * 500, SamplingParams(size=SMALL), use_tqdm=False), "token limit"),
         (lambda e: e.add_request(None), "str"),
+        (lambda e: e.add_request("x", SamplingParams(size=SMALL), priority="high"), "priority"),
+        (lambda e: e.add_request("x", SamplingParams(size=SMALL), priority=None), "priority"),
+        (lambda e: e.generate("x", {"seed": 1}, use_tqdm=False), "params must be SamplingParams, a list"),
     ],
 )
 def test_bad_input_raises_and_engine_keeps_serving(engine: Engine, call, message: str) -> None:
@@ -129,10 +135,42 @@ def test_sampling_params_validation_names_the_field(field: str, value) -> None:
         SamplingParams(**{field: value})
 
 
+def test_a_negative_prompt_needs_guidance_and_engine_seeds_fit_a_generator() -> None:
+    with pytest.raises(ValueError, match="negative_prompt has no effect at cfg 1.0"):
+        SamplingParams(cfg=1.0, negative_prompt="blurry")
+    with pytest.raises(ValueError, match="seed"):
+        EngineConfig(seed=2**64)
+
+
+def test_outputs_of_other_requests_survive_generate_and_an_interrupted_generate_leaves_nothing(
+        engine: Engine, monkeypatch) -> None:
+    engine.add_request("added before", SamplingParams(size=SMALL, seed=41), request_id="before")
+    (mine,) = engine.generate("my own", SamplingParams(size=SMALL, seed=42), use_tqdm=False)
+    assert mine.image is not None and engine.has_unfinished_requests()  # "before" ended inside generate
+    outputs = run_to_end(engine)
+    assert list(outputs) == ["before"] and outputs["before"].image is not None
+    assert_clean(engine)
+    real_step, calls = engine.step, []
+
+    def interrupted() -> list:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(["a", "b"], SamplingParams(size=SMALL, seed=43), use_tqdm=False)
+    monkeypatch.undo()
+    assert_clean(engine)
+
+
 def test_default_params_take_given_values_then_the_models_then_samplingparams() -> None:
     assert default_params("tiny") == SamplingParams(cfg=2.0, tau=0.5)  # tiny's own (ModelConfig.sampling)
     assert default_params("tiny", cfg=3.0, tau=None, size=SMALL) == SamplingParams(cfg=3.0, tau=0.5, size=SMALL)
     assert default_params("test-small") == SamplingParams() == default_params(None) == default_params("a/path")
+    shipped = Path(varserve.__file__).parent / "weights" / "tiny"
+    assert default_params(str(shipped)) == default_params("tiny")  # a path gets its preset's recommendation
     with pytest.raises(ValueError, match="cfg"):
         default_params("tiny", cfg=-1.0)
     assert SamplingParams(cfg=2.0).updated(seed=3) == SamplingParams(cfg=2.0, seed=3)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from varserve.cache.policy import POLICIES
+from varserve.params import MAX_SEED
 
 
 class EngineConfig(BaseModel):
@@ -27,7 +28,7 @@ class EngineConfig(BaseModel):
     random_weights: bool = False
     weights: str | None = None  # local folder or file of official weights (else downloaded)
     attention_backend: str | None = None
-    seed: int = Field(0, ge=0)  # seeds random weights; image seeds come from SamplingParams
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # seeds random weights; image seeds come from SamplingParams
     kv_calibration: str | None = None  # scalekv/heatkv: JSON written by `varserve calibrate`
     data_parallel_size: int = Field(1, ge=1)  # engine replicas, one per GPU (varserve/parallel.py)
 

@@ -40,7 +40,12 @@ class Engine:
     page_size: tokens per page (one head of one layer of one row). random_weights: no download.
     data_parallel_size: N > 1 builds a `varserve.parallel.DataParallelEngine` instead: N replicas of this
         engine in their own processes, one per GPU, behind the same API (1: this engine, no overhead).
-    Other keyword arguments: see `EngineConfig` (num_pages, weights, attention_backend, seed, kv_calibration).
+    num_pages: fixes the KV pool's size in pages (else sized from gpu_memory_utilization on CUDA, 512 MiB on CPU).
+    weights: a local folder or file of the model's official weights (else they are downloaded).
+    attention_backend: the paged attention backend (`varserve.attention.available_backends`); default by device.
+    seed: seeds random weights (image seeds come from SamplingParams).
+    kv_calibration: for scalekv/heatkv, a JSON written by `varserve calibrate` (else the one shipped, if any).
+    Every argument is validated by `EngineConfig` (ValueError naming the field).
     """
 
     def __new__(cls, *args: Any, data_parallel_size: int = 1, **kwargs: Any) -> "Engine":
@@ -81,7 +86,7 @@ class Engine:
         self, prompt: str, params: SamplingParams | None = None, *, request_id: str | None = None, priority: int = 0,
     ) -> str:
         """Queue one image; returns its request id. ValueError for input that can never run."""
-        params, request_id = checked_request(prompt, params, request_id, self.default_params)
+        params, request_id = checked_request(prompt, params, request_id, priority, self.default_params)
         if self.scheduler.find(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.runner.check_prompt(prompt, params.negative_prompt)
@@ -116,12 +121,14 @@ class Engine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work
+        """Whether a request is queued or running, or has ended with its output not yet returned by `step`."""
+        return bool(self._outbox) or self.scheduler.has_work
 
     # ---- stepping -------------------------------------------------------------------------------------
     def step(self) -> list[ImageOutput]:
-        """Run the next scale of every running request; return the requests that ended in this step
-        (finished, or failed with `error` set and no image)."""
+        """Run the next scale of every running request; return the requests that ended (finished, or failed
+        with `error` set and no image) in this step or since the last call returned (e.g. while `generate`
+        ran other requests)."""
         reqs = self._schedule()
         outputs = list(self._outbox)
         self._outbox.clear()
@@ -144,8 +151,7 @@ class Engine:
                 return []
             victim = max(self.scheduler.running, key=Request.sort_key)
             logger.warning("preempting %s (recompute): pages do not fit", victim.request_id)
-            self.block_manager.release(victim)
-            self.runner.release(victim.request_id)
+            self._free(victim)
             self.scheduler.preempt(victim)
             reqs = self.scheduler.schedule(admit=False)
         now = time.monotonic()
@@ -173,9 +179,13 @@ class Engine:
                            finish_reason="failed", error=error)
 
     def _release(self, req: Request, status: RequestStatus) -> None:
+        self._free(req)
+        self.scheduler.finish(req, status)
+
+    def _free(self, req: Request) -> None:
+        """Give back a request's pages and device state."""
         self.block_manager.release(req)
         self.runner.release(req.request_id)
-        self.scheduler.finish(req, status)
 
     def _metrics(self, req: Request) -> ImageMetrics:
         page_bytes = self.runner.page_bytes
@@ -200,17 +210,25 @@ class Engine:
         prompts, params = _normalize_inputs(prompts, params, self.default_params)
         ids = self._add_all(prompts, params)
         results: dict[str, ImageOutput] = {}
+        others: list[ImageOutput] = []  # outputs of requests added elsewhere: handed back by the next step()
         bar = tqdm(total=len(ids), desc="images", disable=not use_tqdm, unit="img")
         start = time.monotonic()
-        while len(results) < len(ids):
-            for out in self.step():
-                if out.request_id in ids:
-                    results[out.request_id] = out
-                    bar.update(1)
-                    bar.set_postfix(img_per_s=f"{bar.n / max(time.monotonic() - start, 1e-9):.2f}")
-                else:
-                    self._outbox.append(out)
-        bar.close()
+        try:
+            while len(results) < len(ids):
+                for out in self.step():
+                    if out.request_id in ids:
+                        results[out.request_id] = out
+                        bar.update(1)
+                        bar.set_postfix(img_per_s=f"{bar.n / max(time.monotonic() - start, 1e-9):.2f}")
+                    else:
+                        others.append(out)
+        except BaseException:  # e.g. Ctrl-C: this call's requests must not run on unseen
+            for i in ids:
+                self.abort(i)
+            raise
+        finally:
+            self._outbox.extend(others)
+            bar.close()
         failed = [o for o in results.values() if o.error]
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(ids)} images failed; first: {failed[0].error}")
@@ -250,11 +268,14 @@ class Engine:
         )
 
 
-def checked_request(prompt: str, params: SamplingParams | None, request_id: str | None,
+def checked_request(prompt: str, params: SamplingParams | None, request_id: str | None, priority: int,
                     default: SamplingParams) -> tuple[SamplingParams, str]:
-    """(params, request id) of a request, defaults filled in; ValueError for a bad prompt or params type."""
+    """(params, request id) of a request, defaults filled in; ValueError for a bad prompt, params type or
+    priority."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ValueError(f"priority must be an int (lower runs first), got {priority!r}")
     params = params if params is not None else default
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -272,6 +293,9 @@ def _normalize_inputs(
             raise ValueError(f"prompts[{i}] must be a str, got {type(p).__name__}")
     if params is None or isinstance(params, SamplingParams):
         return prompts, [params or default] * len(prompts)
+    if not isinstance(params, (list, tuple)):
+        raise ValueError(f"params must be SamplingParams, a list of them (one per prompt) or None, "
+                         f"got {type(params).__name__}")
     params = list(params)
     if len(params) != len(prompts):
         raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")

@@ -120,7 +120,7 @@ class DataParallelEngine(Engine):
         """Queue one image on the least-loaded replica; returns its request id. ValueError for bad input,
         RuntimeError when no replica is left."""
         self._check_open()
-        params, request_id = checked_request(prompt, params, request_id, self.default_params)
+        params, request_id = checked_request(prompt, params, request_id, priority, self.default_params)
         if request_id in self._routed:
             raise ValueError(f"request id {request_id!r} is already in use")
         while (replica := self._least_loaded()) is not None:  # a replica lost meanwhile: try the next

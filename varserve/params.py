@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from varserve.models.schedule import ScaleSchedule, parse_size
 
@@ -20,7 +20,7 @@ class SamplingParams(BaseModel):
     seed: the request's generator seed; None draws one (reported in ImageOutput.seed).
     size: 'WIDTHxHEIGHT' from the size table (e.g. '1024x1024', '720x1440') or 'W:H@BUDGET'
           (aspect ratio and pixel budget 256/512/768/1024, e.g. '1:2@1024').
-    negative_prompt: replaces the learned unconditional text in the CFG row.
+    negative_prompt: replaces the learned unconditional text in the CFG row (so it needs cfg != 1).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -38,6 +38,12 @@ class SamplingParams(BaseModel):
         parse_size(size)
         return size
 
+    @model_validator(mode="after")
+    def _negative_needs_cfg(self) -> "SamplingParams":
+        if self.negative_prompt is not None and self.cfg == 1.0:
+            raise ValueError("negative_prompt has no effect at cfg 1.0 (no guidance): use cfg != 1 or leave it out")
+        return self
+
     @property
     def schedule(self) -> ScaleSchedule:
         return parse_size(self.size)
@@ -48,11 +54,15 @@ class SamplingParams(BaseModel):
 
 
 def default_params(model: str | None = None, **given: Any) -> SamplingParams:
-    """SamplingParams of the `given` values (None counts as not given), else the defaults that preset `model`
-    recommends (ModelConfig.sampling: `tiny` samples at cfg 2, tau 0.5), else SamplingParams' own (Infinity's).
-    What Engine.generate and add_request use when no params are passed."""
-    from varserve.models.config import PRESETS
+    """SamplingParams of the `given` values (None counts as not given), else the defaults that `model` (a
+    preset name or a local path of a preset's weights) recommends (ModelConfig.sampling: `tiny` samples at
+    cfg 2, tau 0.5), else SamplingParams' own (Infinity's). What Engine.generate and add_request use when no
+    params are passed."""
+    from varserve.models.config import get_config
+    from varserve.models.loader import preset_of
 
-    preset = PRESETS.get(model) if model is not None else None
-    values: dict[str, Any] = dict(preset.sampling) if preset is not None else {}
+    try:
+        values: dict[str, Any] = dict(get_config(preset_of(model)).sampling) if model is not None else {}
+    except ValueError:  # not a model the engine can load: it says so itself, so no recommendation here
+        values = {}
     return SamplingParams(**values).updated(**{k: v for k, v in given.items() if v is not None})

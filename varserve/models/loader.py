@@ -31,11 +31,10 @@ def load_model(
     weights: str | None = None, seed: int = 0,
 ) -> LoadedModel:
     """`model` is a preset name, or a local path of a preset's weights (then its preset is detected)."""
-    if model not in PRESETS:
-        if not Path(model).expanduser().exists():
-            raise ValueError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
-        model, weights = _detect_preset(Path(model).expanduser()), model
-    cfg = get_config(model)
+    preset = preset_of(model)
+    if preset != model:
+        weights = model
+    cfg = get_config(preset)
     if random_weights or cfg.weights is None:
         return _random(cfg, device, dtype, seed)
     return _official(cfg, weights, device, dtype)
@@ -84,6 +83,15 @@ def _text_dtype(dtype: torch.dtype) -> torch.dtype:
 def _vae_dtype(dtype: torch.dtype) -> torch.dtype:
     """The VAE keeps fp32 weights (fp64 in exactness tests); on GPU it decodes under bf16 autocast."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def preset_of(model: str) -> str:
+    """The preset of a preset name or of a local path of a preset's weights; ValueError if neither."""
+    if model in PRESETS:
+        return model
+    if not Path(model).expanduser().exists():
+        raise ValueError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    return _detect_preset(Path(model).expanduser())
 
 
 def _detect_preset(path: Path) -> str:

@@ -7,13 +7,14 @@ ends, pages at every layer boundary of every step and tokens of every step stay 
 admitted image therefore never runs out of pages midway. Order: priority (lower first), then arrival.
 
 Admission is also staggered: the requests admitted in one step bring at most max_num_batched_tokens tokens
-over their whole lives. Admitting everything that fits at once would put a wave of requests at the same
+over their whole lives (the first one admitted always may, so a request whose life exceeds that still runs). Admitting everything that fits at once would put a wave of requests at the same
 scale, so small scales would run as small, launch-bound steps; staggered, every step mixes the scales of
 requests admitted at different steps and stays near the token budget.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,8 @@ class Scheduler:
         if pages > self.config.num_pages:
             raise ValueError(
                 f"request {req.request_id} ({req.schedule.name}, {req.rows} rows) needs {pages} KV pages at its "
-                f"peak but the pool has {self.config.num_pages}: use a smaller size, a lower kv_budget, or more "
-                f"memory (gpu_memory_utilization)"
+                f"peak but the pool has {self.config.num_pages}: use a smaller size, a KV policy with a lower "
+                f"kv_budget, or a larger pool (num_pages; on CUDA also gpu_memory_utilization)"
             )
         if tokens > self.config.max_num_batched_tokens:
             raise ValueError(
@@ -51,8 +52,7 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.check_fits_alone(req)
-        self.waiting.append(req)
-        self.waiting.sort(key=Request.sort_key)
+        bisect.insort(self.waiting, req, key=Request.sort_key)
 
     def schedule(self, admit: bool = True) -> list[Request]:
         """Admit what fits (in order, stopping at the first that does not) and return the step's requests.
