@@ -14,7 +14,7 @@ out_dir.mkdir(parents=True, exist_ok=True)
 
 # "tiny" is the small Infinity model shipped inside the package, trained at 512x512 on pictures of coloured
 # shapes: its prompts are made of its own words (varserve.training.data.VOCABULARY). On a GPU use e.g. "infinity-2b"
-# for any prompt. num_pages fixes a small KV pool (the default on CPU is 2 GiB, which takes seconds to allocate).
+# for any prompt. num_pages fixes a small KV pool (the default on CPU is 512 MiB).
 engine = Engine("tiny", num_pages=8192)
 
 prompts = [

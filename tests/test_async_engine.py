@@ -50,6 +50,29 @@ def test_cancel_aborts_and_frees_pages(engine: Engine) -> None:
     assert not engine.has_unfinished_requests()
 
 
+def test_abort_ends_the_waiting_generate_call(engine: Engine) -> None:
+    front = AsyncEngine(engine)
+
+    async def run() -> None:
+        task = asyncio.create_task(front.generate("aborted", SamplingParams(size=SMALL, seed=6), request_id="gone"))
+        while engine.cache_stats()["used_pages"] == 0:
+            await asyncio.sleep(0.01)
+        assert await front.abort("gone") and not await front.abort("gone")
+        with pytest.raises(RuntimeError, match="request gone was aborted"):
+            await asyncio.wait_for(task, 30)
+        task = asyncio.create_task(front.generate("aborted behind its back", SamplingParams(size=SMALL, seed=7),
+                                                  request_id="direct"))
+        while engine.cache_stats()["used_pages"] == 0:
+            await asyncio.sleep(0.01)
+        async with front._lock:
+            assert engine.abort("direct")
+        with pytest.raises(RuntimeError, match="left the engine without an output"):
+            await asyncio.wait_for(task, 30)
+
+    asyncio.run(asyncio.wait_for(run(), 120))
+    assert engine.cache_stats()["used_pages"] == 0 and not engine.has_unfinished_requests()
+
+
 def test_bad_input_raises_value_error(engine: Engine) -> None:
     front = AsyncEngine(engine)
     with pytest.raises(ValueError, match="token limit"):

@@ -166,7 +166,7 @@ def test_outputs_of_other_requests_survive_generate_and_an_interrupted_generate_
 
 
 def test_default_params_take_given_values_then_the_models_then_samplingparams() -> None:
-    assert default_params("tiny") == SamplingParams(cfg=2.0, tau=0.5)  # tiny's own (ModelConfig.sampling)
+    assert default_params("tiny") == SamplingParams(cfg=2.0, tau=0.5, size="512x512")  # tiny's (ModelConfig.sampling)
     assert default_params("tiny", cfg=3.0, tau=None, size=SMALL) == SamplingParams(cfg=3.0, tau=0.5, size=SMALL)
     assert default_params("test-small") == SamplingParams() == default_params(None) == default_params("a/path")
     shipped = Path(varserve.__file__).parent / "weights" / "tiny"

@@ -55,6 +55,8 @@ class Server:
     engine: Engine
     service: ImageService
     stop: Callable[[], None]  # SIGTERM's path: drain, then uvicorn exits; returns once the thread ended
+    http: Any  # the uvicorn.Server
+    thread: threading.Thread  # where it runs
 
     def post(self, body: dict[str, Any], client: Any = None) -> Any:
         return (client or httpx).post(self.url + IMAGES, json=body, timeout=TIMEOUT)
@@ -77,7 +79,7 @@ def serve(engine: Engine, **options: Any) -> Iterator[Server]:
         thread.join(timeout=120)
         assert not thread.is_alive(), "the server did not stop"
 
-    running = Server(f"http://127.0.0.1:{port}", port, engine, app.state.service, stop)
+    running = Server(f"http://127.0.0.1:{port}", port, engine, app.state.service, stop, server, thread)
     try:
         yield running
     finally:
@@ -190,7 +192,7 @@ def test_usage_reports_the_size_made_and_drawn_seeds(server: Server) -> None:
 
 
 def test_openai_sizes_map_to_the_table() -> None:
-    assert resolve_size("1024x1024") == "1024x1024" and resolve_size("auto") == "1024x1024"
+    assert resolve_size("1024x1024") == "1024x1024" and resolve_size("auto") is None  # the engine's default
     assert resolve_size("1792x1024") == "1344x768" and resolve_size("1024x1792") == "768x1344"
     assert resolve_size("1536x1024") == "1248x832" and resolve_size("1024x1536") == "832x1248"
     assert resolve_size("256x256") == "256x256" and resolve_size("1:1@512") == "512x512"
@@ -261,6 +263,19 @@ def test_client_disconnect_aborts_its_images_and_frees_pages(server: Server, mon
     wait_until(lambda: metric(server.get("/metrics").text, name) == metric(before, name) + 1, what="499 counted")
     images = "varserve_images_generated_total"
     assert metric(server.get("/metrics").text, images) == metric(before, images)
+
+
+def test_client_gone_while_sending_its_body_counts_as_499(server: Server) -> None:
+    before = server.get("/metrics").text
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": " % IMAGES.encode())
+        time.sleep(0.2)
+    name = 'varserve_requests_total{status="499"}'
+    wait_until(lambda: metric(server.get("/metrics").text, name) == metric(before, name) + 1, what="499 counted")
+    failed = 'varserve_requests_total{status="500"}'
+    assert metric(server.get("/metrics").text, failed) == metric(before, failed)
+    assert_clean(server.engine)
 
 
 def test_full_queue_answers_503_with_retry_after() -> None:
@@ -340,6 +355,21 @@ def test_shutdown_refuses_new_requests_and_lets_running_ones_finish() -> None:
         assert_clean(running.engine)
 
 
+def test_a_second_signal_during_the_drain_exits_at_once() -> None:
+    with serve(make_engine(), shutdown_timeout=600) as running:
+        first = in_background(lambda: running.post({"prompt": "cut short", "size": SLOW, "n": 8}))
+        wait_until(lambda: running.engine.cache_stats()["used_pages"] > 0, what="the images to start")
+        running.http.handle_exit(signal.SIGTERM, None)
+        wait_until(lambda: running.service.draining, what="the drain")
+        running.http.handle_exit(signal.SIGINT, None)
+        running.thread.join(timeout=30)
+        assert not running.thread.is_alive() and running.http.force_exit
+        try:  # it did not wait for the images: the connection went with the server
+            assert first.result(timeout=60).status_code != 200
+        except httpx.HTTPError:
+            pass
+
+
 def test_shutdown_aborts_what_outlives_the_grace_period(monkeypatch: pytest.MonkeyPatch) -> None:
     with serve(make_engine(), shutdown_timeout=0.2) as running:
         aborted = spy_aborts(running.engine, monkeypatch)
@@ -394,3 +424,6 @@ def test_request_fields_left_out_come_from_the_engines_default_params() -> None:
     params = given.sampling_params(defaults)
     assert [(p.cfg, p.tau, p.top_p, p.seed, p.size) for p in params] == [
         (2.0, 0.8, 0.9, 7, "512x512"), (2.0, 0.8, 0.9, 8, "512x512")]
+    for size in ({}, {"size": "auto"}):  # no size: the engine's (the model's recommended one)
+        request = parse_request(json.dumps({"prompt": "x", **size}).encode())
+        assert request.sampling_params(SamplingParams(size="256x256"))[0].size == "256x256"

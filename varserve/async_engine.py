@@ -2,7 +2,8 @@
 
 One background task steps the engine while requests are in flight; each `generate` call awaits its own
 image. The engine runs in a worker thread so the event loop stays responsive during a step. Cancelling a
-`generate` call (e.g. a client disconnect) aborts its request and frees its pages.
+`generate` call (e.g. a client disconnect) aborts its request and frees its pages; `abort(request_id)` does
+the same and makes that `generate` call raise RuntimeError.
 """
 
 from __future__ import annotations
@@ -24,10 +25,6 @@ class AsyncEngine:
         self._lock = asyncio.Lock()  # the engine is not thread-safe: one call into it at a time
         self._loop_task: asyncio.Task | None = None
         self.error: Exception | None = None  # why the step loop died (the engine's state is then unknown)
-
-    @classmethod
-    def from_args(cls, model: str = "tiny", **kwargs) -> "AsyncEngine":
-        return cls(Engine(model, **kwargs))
 
     async def generate(self, prompt: str, params: SamplingParams | None = None, *, request_id: str | None = None,
                        priority: int = 0) -> ImageOutput:
@@ -53,8 +50,17 @@ class AsyncEngine:
         return out
 
     async def abort(self, request_id: str) -> bool:
+        """Abort a request and free its pages; its `generate` call raises RuntimeError. False if unknown or done."""
         async with self._lock:
-            return self.engine.abort(request_id)
+            aborted = self.engine.abort(request_id)
+        if aborted:
+            self._settle(request_id, RuntimeError(f"request {request_id} was aborted"))
+        return aborted
+
+    def _settle(self, request_id: str, error: Exception) -> None:
+        future = self._waiters.get(request_id)
+        if future is not None and not future.done():
+            future.set_exception(error)
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -69,6 +75,9 @@ class AsyncEngine:
                     future = self._waiters.get(out.request_id)
                     if future is not None and not future.done():
                         future.set_result(out)
+                if not self.engine.has_unfinished_requests():  # e.g. aborted on the engine directly
+                    for rid in list(self._waiters):
+                        self._settle(rid, RuntimeError(f"request {rid} left the engine without an output"))
                 await asyncio.sleep(0)
         except Exception as exc:  # a bug outside the model (the engine fails model errors per request)
             logger.exception("the engine loop died; failing every request")

@@ -1,5 +1,6 @@
 """Command line: `varserve generate` (prompts to PNG files), `varserve bench` (offline throughput), `varserve
-calibrate` and `varserve eval-fidelity` (KV policies against the full cache; varserve/fidelity.py).
+calibrate` and `varserve eval-fidelity` (KV policies against the full cache; varserve/fidelity.py), `varserve
+serve` (the HTTP API; varserve/server.py).
 
 Run `varserve <command> --help` for the options. Bad input exits with code 2 and a one-line message; a
 failed image exits with code 1.
@@ -85,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the model's, else SamplingParams')")
-    g.add_argument("--size", default="1024x1024",
+    g.add_argument("--size",
                    help="WIDTHxHEIGHT from the size table (e.g. 256x256, 512x512, 1024x1024, 720x1440) or "
-                        "W:H@BUDGET with BUDGET in 256/512/768/1024 (default: 1024x1024)")
+                        "W:H@BUDGET with BUDGET in 256/512/768/1024 (default: the model's, else 1024x1024)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 disables CFG)")
     g.add_argument("--tau", type=float, help="sampling temperature of the bits")
     g.add_argument("--top-p", type=float, help="top-p of the bits (0 disables)")
@@ -151,8 +152,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = [_sampling(args, seed=None if args.seed is None else args.seed + i,
                         negative_prompt=args.negative_prompt) for i in range(len(prompts))]
     engine = _engine(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     ids = _add_all(engine, prompts, params)
+    args.out.mkdir(parents=True, exist_ok=True)
     width = max(3, len(str(len(prompts) - 1)))
     failures = 0
     t0 = time.perf_counter()

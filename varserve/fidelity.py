@@ -1,8 +1,8 @@
 """`varserve eval-fidelity`: how far each KV policy's images drift from the full-cache image, and what they cost.
 
-Prompts and their structured specs come from `varserve.training.data.sample_scenes(N, SCENE_SEED)` (a fixed
-seed: the held-out evaluation scenes of `varserve train` at its default --seed), so the analytic checker
-`check_images` can score every image. Image i uses sampling seed SEED+i under every policy. The full-cache
+Prompts and their structured specs come from `varserve.training.data.sample_scenes(N, EVAL_SEED_OFFSET)`
+(varserve.training.train's offset: the held-out scenes of the training run, `examples/train_tiny.py`, at its
+default --seed), so the analytic checker `check_images` can score every image. Image i uses sampling seed SEED+i under every policy. The full-cache
 image (kv_policy=full) is generated once per prompt; then, for each (policy, budget), the same prompts and
 seeds are generated again and compared with it:
 
@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("varserve")
 
-SCENE_SEED = 1_000_003  # = varserve.training.train's EVAL_SEED_OFFSET: the held-out scenes of seed 0
 PSNR_CAP = 99.0  # dB, reported for identical images (and the cap of every PSNR)
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 DEFAULT_POLICIES = "full,scalekv,heatkv,window,streaming"
@@ -156,6 +155,7 @@ def run_fidelity(
     from varserve.engine import Engine
     from varserve.params import default_params
     from varserve.training.data import check_images, sample_scenes
+    from varserve.training.train import EVAL_SEED_OFFSET
 
     if num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
@@ -164,7 +164,7 @@ def run_fidelity(
     runs, skipped = plan_runs(list(policies), list(budgets), kv_calibration, _shipped_calibrations(model))
     for s in skipped:
         log(f"skipping {s['policy']}: {s['reason']}")
-    scenes = sample_scenes(num_prompts, SCENE_SEED)
+    scenes = sample_scenes(num_prompts, EVAL_SEED_OFFSET)
     prompts, specs = scenes.prompts, scenes.specs()
     sampling = dict(sampling or {})
     params = [default_params(model, size=size, seed=seed + i, **sampling) for i in range(num_prompts)]
@@ -214,7 +214,7 @@ def run_fidelity(
     return {
         "command": command, "device": str(device), "device_name": device_name(device), "git_commit": git_commit(),
         "timestamp_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model, "size": size, "num_prompts": num_prompts, "seed": seed, "scene_seed": SCENE_SEED,
+        "model": model, "size": size, "num_prompts": num_prompts, "seed": seed, "scene_seed": EVAL_SEED_OFFSET,
         "sampling": sampling, "engine": {k: v for k, v in engine_kwargs.items()}, "dtype": info["dtype"],
         "page_bytes": info["page_bytes"], "page_size": info["page_size"],
         "policies": list(policies), "budgets": list(budgets), "kv_calibration": kv_calibration,

@@ -56,7 +56,7 @@ class SamplingParams(BaseModel):
 def default_params(model: str | None = None, **given: Any) -> SamplingParams:
     """SamplingParams of the `given` values (None counts as not given), else the defaults that `model` (a
     preset name or a local path of a preset's weights) recommends (ModelConfig.sampling: `tiny` samples at
-    cfg 2, tau 0.5), else SamplingParams' own (Infinity's). What Engine.generate and add_request use when no
+    cfg 2, tau 0.5, 512x512), else SamplingParams' own (Infinity's). What Engine.generate and add_request use when no
     params are passed."""
     from varserve.models.config import get_config
     from varserve.models.loader import preset_of

@@ -6,7 +6,8 @@ Endpoints
       extensions: seed, cfg, tau, top_p, negative_prompt (see `SamplingParams`). The KV budget is the server's.
       size: 'WIDTHxHEIGHT' from varserve's size table or 'W:H@BUDGET'; OpenAI's sizes map to the table entry
       of the same aspect ratio at the 1024 budget (1792x1024 -> 1344x768, 1536x1024 -> 1248x832, ...) and
-      'auto' to 1024x1024; `usage.size` reports the size made.
+      'auto' (or no size) to the engine's default (the model's recommended size, else 1024x1024); `usage.size`
+      reports the size made.
       response_format: 'b64_json' (default) or 'png': the raw PNG as the response body (n must be 1; headers
       x-varserve-seed and x-varserve-latency-s). OpenAI's 'url' is not supported.
       seed: image i of the request uses seed + i; without one, each image draws a random seed.
@@ -19,7 +20,7 @@ Endpoints
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for bad input, 404 for another
 model, 500 when an image failed, 503 with Retry-After when more than --max-queue images would be waiting or
 running, 503 while shutting down. A client that disconnects has its images aborted and their pages freed (its
-request counts as status 499 in the metrics and access log).
+request counts as status 499 in the metrics).
 
 Shutdown (first SIGINT/SIGTERM, or the app's lifespan end): new requests get 503, running ones get up to
 --shutdown-timeout seconds to finish, the rest are aborted and answered 503 saying so; then uvicorn exits.
@@ -54,6 +55,7 @@ try:  # the `serve` extra; without it the rest of the CLI works and `varserve se
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as exc:
     _MISSING_EXTRA: str | None = exc.name
 else:
@@ -63,7 +65,6 @@ logger = logging.getLogger("varserve")
 
 IMAGES_PATH = "/v1/images/generations"
 MAX_IMAGES = 8  # n at most
-DEFAULT_SIZE = "1024x1024"
 OPENAI_SIZES = {"1792x1024", "1024x1792", "1536x1024", "1024x1536"}  # not in the table: mapped by aspect ratio
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 RATE_WINDOW_S = 60.0
@@ -72,10 +73,11 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 # ---- request ----------------------------------------------------------------------------------------------
-def resolve_size(size: str) -> str:
-    """A requested size as a name of varserve's size table; ValueError listing what is supported."""
+def resolve_size(size: str) -> str | None:
+    """A requested size as a name of varserve's size table, None for 'auto' (the engine's default size);
+    ValueError listing what is supported."""
     if size == "auto":
-        return DEFAULT_SIZE
+        return None
     if size in OPENAI_SIZES:
         width, height = (int(v) for v in size.split("x"))
         return get_schedule(height / width, 1024).name
@@ -84,7 +86,7 @@ def resolve_size(size: str) -> str:
     except ValueError:
         raise ValueError(
             f"unsupported size {size!r}; supported: {', '.join(supported_sizes())}, OpenAI's "
-            f"{', '.join(sorted(OPENAI_SIZES))} and 'auto' (mapped by aspect ratio), or 'W:H@BUDGET' with "
+            f"{', '.join(sorted(OPENAI_SIZES))} (mapped by aspect ratio), 'auto', or 'W:H@BUDGET' with "
             "BUDGET in 256/512/768/1024"
         ) from None
 
@@ -96,7 +98,7 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str = Field(min_length=1)
     n: int = Field(1, ge=1, le=MAX_IMAGES)
-    size: str = DEFAULT_SIZE
+    size: str | None = None  # None: the engine's default (the model's recommended size, else 1024x1024)
     response_format: Literal["b64_json", "png"] = "b64_json"
     model: str | None = None
     user: str | None = None  # OpenAI's end-user id: accepted and ignored
@@ -108,8 +110,8 @@ class ImageGenerationRequest(BaseModel):
 
     @field_validator("size")
     @classmethod
-    def _table_size(cls, size: str) -> str:
-        return resolve_size(size)
+    def _table_size(cls, size: str | None) -> str | None:
+        return None if size is None else resolve_size(size)
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -137,9 +139,8 @@ class ImageGenerationRequest(BaseModel):
     def sampling_params(self, defaults: SamplingParams) -> list[SamplingParams]:
         """One SamplingParams per image, unset fields from `defaults` (the engine's): seeds seed, seed+1, ... (or
         each drawn at random)."""
-        given = {k: v for k in ("cfg", "tau", "top_p", "negative_prompt") if (v := getattr(self, k)) is not None}
-        return [defaults.updated(**given, size=self.size, seed=None if self.seed is None else self.seed + i)
-                for i in range(self.n)]
+        given = {k: v for k in ("cfg", "tau", "top_p", "negative_prompt", "size") if (v := getattr(self, k)) is not None}
+        return [defaults.updated(**given, seed=None if self.seed is None else self.seed + i) for i in range(self.n)]
 
 
 # ---- errors -----------------------------------------------------------------------------------------------
@@ -277,7 +278,11 @@ class ImageService:
 
     async def generate(self, request: Request) -> Response:
         start = time.monotonic()
-        body = parse_request(await request.body())
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            raise APIError(499, "the client closed the request while sending it", code="client_disconnected") from None
+        body = parse_request(raw)
         if body.model is not None and body.model != self.model_name:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
@@ -457,18 +462,24 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_lev
     """A uvicorn server whose first SIGINT/SIGTERM (or `server.handle_exit`) drains the service before uvicorn
     shuts down; a later signal goes straight to uvicorn (a second Ctrl+C during its shutdown exits at once)."""
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level.lower()))
-    server.handle_exit = _drain_then_exit(app.state.service, server.handle_exit)  # what uvicorn's handlers call
+    server.handle_exit = _drain_then_exit(app.state.service, server)  # what uvicorn's handlers call
     return server
 
 
-def _drain_then_exit(service: ImageService, exit_now: Callable[[int, FrameType | None], None]
-                     ) -> Callable[[int, FrameType | None], None]:
+def _drain_then_exit(service: ImageService, server: uvicorn.Server) -> Callable[[int, FrameType | None], None]:
+    exit_now = server.handle_exit
+
     def handle_exit(sig: int, frame: FrameType | None) -> None:
         if service.draining or service.loop is None:
+            server.force_exit = service.draining  # a signal during the drain: uvicorn stops waiting at once
             exit_now(sig, frame)
             return
-        service.loop.call_soon_threadsafe(
-            lambda: service.start_drain().add_done_callback(lambda _: exit_now(sig, frame)))
+
+        def drained(_: asyncio.Future) -> None:
+            if not server.should_exit:  # unless a later signal already ended the server
+                exit_now(sig, frame)
+
+        service.loop.call_soon_threadsafe(lambda: service.start_drain().add_done_callback(drained))
 
     return handle_exit
 
@@ -502,5 +513,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine(_engine(args))
     app = create_app(engine, model_name=args.served_model_name or args.model, max_queue=args.max_queue,
                      shutdown_timeout=args.shutdown_timeout)
-    make_server(app, args.host, args.port, args.log_level).run()
+    try:
+        make_server(app, args.host, args.port, args.log_level).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled, after the drain and its shutdown
+        pass
     return 0

@@ -36,7 +36,7 @@ class ModelConfig:
     weights: WeightFiles | None = None
     # SamplingParams defaults this model's own evaluation chose, as (field, value) pairs; () keeps SamplingParams'
     # (Infinity's). Not architecture: a retrained model may recommend others.
-    sampling: tuple[tuple[str, float], ...] = ()
+    sampling: tuple[tuple[str, float | str], ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -87,7 +87,7 @@ PRESETS: dict[str, ModelConfig] = {
         weights=WeightFiles("tiny", "transformer.safetensors", "vae.safetensors", "text_encoder", in_package=True),
         # 200 held-out prompts (benchmarks/results/fidelity-tiny-512x512-200prompts-h100-20261124.json): the
         # checker passed 85.5% at cfg 2, tau 0.5; 72% of 50 at SamplingParams' cfg 4, tau 1.
-        sampling=(("cfg", 2.0), ("tau", 0.5)),
+        sampling=(("cfg", 2.0), ("tau", 0.5), ("size", "512x512")),  # it was trained at 512x512
     ),
     # Small random-weight configs of the same architecture that run fast on a CPU (tests, benchmarks).
     "test-small": ModelConfig(
