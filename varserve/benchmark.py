@@ -312,9 +312,14 @@ def git_commit() -> str:
 
 def default_output_path(model: str, kv_policy: str, batching: str) -> Path:
     """benchmarks/results/bench-<model>-<policy>-<batching>-<utc timestamp>.json (relative to the cwd)."""
+    return results_path("bench", model, kv_policy, batching)
+
+
+def results_path(kind: str, model: str, *parts: str) -> Path:
+    """benchmarks/results/<kind>-<model>-<parts>-<utc timestamp>.json (relative to the cwd), names made safe."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name).strip("-") or "model"
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return RESULTS_DIR / f"bench-{name}-{kv_policy}-{batching}-{stamp}.json"
+    return RESULTS_DIR / "-".join([kind, name, *parts, stamp + ".json"])
 
 
 def write_json(result: dict, path: str | Path) -> Path:

@@ -44,7 +44,6 @@ PSNR_CAP = 99.0  # dB, reported for identical images (and the cap of every PSNR)
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 DEFAULT_POLICIES = "full,scalekv,heatkv,window,streaming"
 DEFAULT_BUDGETS = "0.2,0.1,0.04"
-RESULTS_DIR = Path("benchmarks") / "results"
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -239,9 +238,9 @@ def format_table(result: dict) -> str:
 
 
 def default_output_path(model: str, size: str) -> Path:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name).strip("-") or "model"
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return RESULTS_DIR / f"fidelity-{name}-{re.sub(r'[^A-Za-z0-9]+', '-', size)}-{stamp}.json"
+    from varserve.benchmark import results_path
+
+    return results_path("fidelity", model, re.sub(r"[^A-Za-z0-9]+", "-", size))
 
 
 # ---- command line ---------------------------------------------------------------------------------------
