@@ -469,8 +469,8 @@ def test_text_memory_against_reference() -> None:
             w_kv = P[pre + "ca.mat_kv.weight"]
             k = (memory[0] @ w_kv[: CFG.width].T).view(lens[r], CFG.num_heads, -1)
             v = (memory[0] @ w_kv[CFG.width :].T + P[pre + "ca.v_bias"]).view(lens[r], CFG.num_heads, -1)
-            torch.testing.assert_close(text.ca_k[layer][starts[r] : starts[r + 1]], k, **TOL)
-            torch.testing.assert_close(text.ca_v[layer][starts[r] : starts[r + 1]], v, **TOL)
+            torch.testing.assert_close(text.ca_kv[layer, 0, starts[r] : starts[r + 1]], k, **TOL)
+            torch.testing.assert_close(text.ca_kv[layer, 1, starts[r] : starts[r + 1]], v, **TOL)
 
 
 @pytest.mark.parametrize("layer", [0, 3])
@@ -562,7 +562,7 @@ def test_packed_rows_equal_rows_alone() -> None:
     for part, r in ((text.select([r]), r) for r in range(len(rows))):
         torch.testing.assert_close(part.cond, alone_text[r].cond, **TOL)
         torch.testing.assert_close(part.gss, alone_text[r].gss, **TOL)
-        torch.testing.assert_close(part.ca_k[2], alone_text[r].ca_k[2], **TOL)
+        torch.testing.assert_close(part.ca_kv, alone_text[r].ca_kv, **TOL)
     row_scales = [(scale, schedule.scales[scale], schedule.rope_grid) for _, schedule, scale in rows]
     packed_kv.begin([hw[0] * hw[1] for _, hw, _ in row_scales])
     x = torch.cat([model.start_tokens(text.cond[1:2]) if r == 1 else inputs[r] for r in range(len(rows))])

@@ -128,6 +128,8 @@ def _start_measuring(engine: Engine) -> None:
     """In the engine's process: reset the KV and CUDA peaks and start timing the stages of every step."""
     device = engine.runner.device
     engine.allocator.reset_peak()
+    if engine.runner.graphs is not None:
+        engine.runner.graphs.steps = 0
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -145,6 +147,7 @@ def _stop_measuring(engine: Engine) -> dict:
         "max_num_batched_tokens": runner.max_num_batched_tokens, **timed,
         "text_encoder_time_s": timed["stage_time_s"]["text_encoder"],
         "peak_kv_pages": engine.allocator.peak_used,
+        "cuda_graph_steps": None if runner.graphs is None else runner.graphs.steps,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(runner.device) if runner.device.type == "cuda"
         else None,
     }
@@ -259,6 +262,8 @@ def _report(
         "replicas": _replica_figures(measured, stats["served_by"], throughput_time),
         # environment
         "attention_backend": env["attention_backend"],
+        "cuda_graph_steps": None if env["cuda_graph_steps"] is None
+        else sum(m["cuda_graph_steps"] for m in measured.values()),
         "device": ",".join(m["device"] for m in measured.values()),
         "device_name": env["device_name"],
         "torch_version": torch.__version__,
@@ -356,6 +361,8 @@ def format_table(r: dict) -> str:
         ("device time by stage", ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in r["stage_time_s"].items())),
         ("max images in flight", f"{r['max_images_in_flight']} ({r['num_steps']} steps, "
                                  f"{r['num_preemptions']} preemptions)"),
+        ("CUDA graphs", "off" if r["cuda_graph_steps"] is None
+         else f"{r['cuda_graph_steps']} of {r['num_steps']} steps replayed"),
         ("peak KV", f"{r['peak_kv_pages']:,} pages = {r['peak_kv_bytes'] / gib:.3f} GiB "
                     f"of {r['kv_pool_pages']:,} pages"),
         ("KV pages per image mean / peak", f"{r['kv_pages_per_image_mean']:,.1f} / {r['kv_pages_per_image_peak']:,}"),

@@ -117,6 +117,8 @@ def engine_resource_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--page-size", type=int, help="tokens per KV page (default: 32)")
     g.add_argument("--num-pages", type=int, help="fix the KV pool size in pages (default: sized from memory)")
     g.add_argument("--attention-backend", help="paged attention backend (default: automatic)")
+    g.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="replay small steps (Triton attention, no token moves) from CUDA graphs")
 
 
 def _device(text: str) -> str:
@@ -129,7 +131,7 @@ def _device(text: str) -> str:
 
 _ENGINE_KEYS = ("kv_policy", "kv_budget", "device", "dtype", "gpu_memory_utilization", "max_num_seqs",
                 "max_num_batched_tokens", "page_size", "num_pages", "random_weights", "weights", "attention_backend",
-                "kv_calibration")
+                "kv_calibration", "cuda_graphs")
 _SAMPLING_KEYS = ("size", "cfg", "tau", "top_p")
 
 

@@ -2,9 +2,9 @@
 
 Prompts and their structured specs come from `varserve.training.data.sample_scenes(N, EVAL_SEED_OFFSET)`
 (varserve.training.train's offset: the held-out scenes of the training run, `examples/train_tiny.py`, at its
-default --seed), so the analytic checker `check_images` can score every image. Image i uses sampling seed SEED+i under every policy. The full-cache
-image (kv_policy=full) is generated once per prompt; then, for each (policy, budget), the same prompts and
-seeds are generated again and compared with it:
+default --seed), so the analytic checker `check_images` can score every image. Image i uses sampling seed
+SEED+i under every policy. The full-cache image (kv_policy=full) is generated once per prompt; then, for each
+(policy, budget), the same prompts and seeds are generated again and compared with it:
 
 - PSNR on the RGB uint8 pixels (MSE over all pixels and channels, peak 255). Identical images have an infinite
   PSNR; it is reported as PSNR_CAP (99.0 dB), and every PSNR is capped there, so means stay finite.
@@ -245,7 +245,7 @@ def default_output_path(model: str, size: str) -> Path:
 
 # ---- command line ---------------------------------------------------------------------------------------
 _ENGINE_OPTS = ("device", "dtype", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "page_size",
-                "num_pages", "random_weights", "weights", "attention_backend")
+                "num_pages", "random_weights", "weights", "attention_backend", "cuda_graphs")
 _SAMPLING_OPTS = ("cfg", "tau", "top_p")
 
 
@@ -304,11 +304,9 @@ def _command_line(args: argparse.Namespace) -> str:
              "--budgets", ",".join(f"{b:g}" for b in args.budgets), "--seed", str(args.seed)]
     for key in ("weights", "kv_calibration", *_SAMPLING_OPTS, *_ENGINE_OPTS):
         value = getattr(args, key, None)
-        if value is None or key == "random_weights":
+        if value is None or value is False:
             continue
-        parts += [f"--{key.replace('_', '-')}", str(value)]
-    if args.random_weights:
-        parts.append("--random-weights")
+        parts += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     if args.output_json:
         parts += ["--output-json", str(args.output_json)]
     return shlex.join(parts)

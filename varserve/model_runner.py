@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 
 from varserve.attention import select_backend
-from varserve.cache.block_manager import BlockManager
+from varserve.cache.block_manager import BlockManager, StepPages
 from varserve.cache.kv_pool import KVPool, PagedKV
 from varserve.cache.policy import KVPolicy
 from varserve.config import EngineConfig
+from varserve.graphs import StepGraphs
 from varserve.models.generation import advance, sample_scale, text_rows
 from varserve.models.infinity import TextMemory, make_batch
 from varserve.models.loader import load_model
@@ -59,6 +60,13 @@ class ModelRunner:
         self.pool = KVPool(self.num_pages, self.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.states: dict[str, RequestState] = {}
         self.timer: StageTimer | None = None  # set by the benchmark to split device time by stage
+        self.graphs = self._step_graphs() if config.cuda_graphs else None
+
+    def _step_graphs(self) -> StepGraphs:
+        if self.device.type != "cuda" or self.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"cuda_graphs needs a CUDA device and bfloat16 or float16 (FlashAttention's varlen "
+                             f"cross-attention), not {self.device} {self.dtype}")
+        return StepGraphs(self.model, self.pool, self.backend, capture=True)
 
     # ---- memory sizing --------------------------------------------------------------------------------
     def _size_pool(self) -> int:
@@ -142,10 +150,7 @@ class ModelRunner:
         if new:
             self._start(new, *texts)
         states = [self.states[r.request_id] for r in reqs]
-        rows = [(r.scale, r.schedule.scales[r.scale], r.schedule.rope_grid) for r in reqs for _ in range(r.rows)]
-        batch = make_batch(self.model, TextMemory.concat([s.text for s in states]), rows)
-        kv = PagedKV(self.pool, blocks, reqs, self.backend)
-        logits = self.model(torch.cat([s.x for s in states]), batch, kv)
+        logits = self._forward(reqs, states, blocks.plan_step(reqs))
         self._lap()
         start, finished = 0, []
         for req, state in zip(reqs, states):
@@ -159,6 +164,14 @@ class ModelRunner:
         images = self._decode(finished)
         self._lap()
         return images
+
+    def _forward(self, reqs: list[Request], states: list[RequestState], pages: StepPages) -> Tensor:
+        """The transformer over the step's tokens: replayed from a CUDA graph when the step is small enough."""
+        if self.graphs is not None and self.graphs.eligible(reqs):
+            return self.graphs.run(reqs, [s.x for s in states], [s.text for s in states], pages)
+        rows = [(r.scale, r.schedule.scales[r.scale], r.schedule.rope_grid) for r in reqs for _ in range(r.rows)]
+        batch = make_batch(self.model, TextMemory.concat([s.text for s in states]), rows)
+        return self.model(torch.cat([s.x for s in states]), batch, PagedKV(self.pool, reqs, pages, self.backend))
 
     def _lap(self, begin: set[int] | None = None) -> None:
         """With a timer: a step that runs `begin` scales starts, or the current stage of the step ends."""

@@ -28,9 +28,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 
 
 def _pad(x: Tensor, cu_seqlens: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
-    """Packed `[T, H, d]` -> zero-padded `[B, max_len, H, d]` and its validity mask `[B, max_len]`."""
+    """Packed `[T, H, d]` -> zero-padded `[B, max_len, H, d]` and its validity mask `[B, max_len]`. Rows past the
+    last one's end (a static buffer's unused tail) are ignored."""
     lengths = torch.diff(cu_seqlens.to(x.device))
     valid = torch.arange(max_len, device=x.device) < lengths[:, None]
     rows = x.new_zeros(len(lengths), max_len, *x.shape[1:])
-    rows[valid] = x
+    rows[valid] = x[: int(lengths.sum())]
     return rows, valid

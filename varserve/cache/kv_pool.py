@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from varserve.attention import paged_attention, slot_mapping, token_rows, upload, write_kv
-from varserve.cache.block_manager import BlockManager
+from varserve.attention import paged_attention, paged_attention_triton, slot_mapping, token_rows, upload, write_kv
+from varserve.cache.block_manager import StepPages
 from varserve.cache.plan import ScoredCut, StaticCut
 from varserve.cache.scalekv import select_kept
 from varserve.scheduler.request import Request
@@ -50,35 +50,52 @@ class PagedKV:
     (grown to history + current scale for the attention, then cut to what the policy keeps), and they reach
     the device in one copy. For each layer: the current K/V are written into their slots, the rows attend
     through their block tables, then the kept tokens of non-prefix cuts are moved to the front of their
-    tables (on the device, batched over the step's rows)."""
+    tables (on the device, batched over the step's rows).
 
-    def __init__(self, pool: KVPool, blocks: BlockManager, reqs: list[Request], backend: str | None):
-        self.pool, self.reqs, self.backend = pool, reqs, backend
+    `on_device=True` (steps run from static buffers, `varserve/graphs.py`) feeds the attention from device copies
+    of its metadata, so nothing is read or uploaded from the host while the step runs; every row must take the
+    Triton kernel and no cut may move tokens (`StepGraphs.eligible`). `load` then swaps in another step's tables."""
+
+    def __init__(self, pool: KVPool, reqs: list[Request], pages: StepPages, backend: str | None,
+                 on_device: bool = False):
+        self.pool, self.reqs, self.pages, self.backend = pool, reqs, pages, backend
         row_lengths = [r.schedule.tokens[r.scale] for r in reqs for _ in range(r.rows)]
         self.max_seqlen = max(row_lengths)
         # Host copies: the attention backends plan on the host, and host metadata spares a device sync.
         self.cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(row_lengths)]), dtype=torch.int32)
         self.first_row = np.cumsum([0] + [r.rows for r in reqs])[:-1]
-        self.pages = blocks.plan_step(reqs)
         device = pool.k_pages.device
-        self.block_tables, self.history = upload(self.pages.block_tables, device), upload(self.pages.history, device)
-        self.tokens: tuple[Tensor, Tensor] | None = None  # token_rows of the step, made at the first layer
+        self.block_tables, self.history = upload(pages.block_tables, device), upload(pages.history, device)
+        self.tokens = token_rows(self.cu_seqlens, sum(row_lengths), device)
+        self.device_meta = (upload(pages.seqlens, device, torch.int32), upload(self.cu_seqlens, device)) \
+            if on_device else None
+
+    def load(self, pages: StepPages) -> None:
+        """Take the tables of another step of the same shape, in place (the tensors a graph captured stay)."""
+        same = pages.block_tables.shape == self.pages.block_tables.shape
+        if not (same and np.array_equal(pages.seqlens, self.pages.seqlens)):
+            raise ValueError("PagedKV.load needs a step of the same shape")
+        self.block_tables.copy_(upload(pages.block_tables, self.block_tables.device), non_blocking=True)
+        self.pages = pages
 
     def wants_raw_query(self, layer: int) -> bool:
         return any(isinstance(r.plan.cut(r.scale, layer), ScoredCut) for r in self.reqs)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
-        table, seqlens = self.block_tables[layer], self.pages.seqlens[layer]
-        if self.tokens is None:
-            self.tokens = token_rows(self.cu_seqlens, q.shape[0], q.device)
+        table = self.block_tables[layer]
         slots = slot_mapping(table, self.history[layer], self.tokens, self.pool.page_size)
         write_kv(self.pool.k_pages, self.pool.v_pages, k, v, slots)
-        out = paged_attention(
-            q, self.pool.k_pages, self.pool.v_pages, table, torch.from_numpy(seqlens),
-            self.cu_seqlens, self.max_seqlen, int(seqlens.max()), 1.0, backend=self.backend,
-        )
+        out = self._attention(layer, q, table)
         self._compact(layer, table, raw_q)
         return out
+
+    def _attention(self, layer: int, q: Tensor, table: Tensor) -> Tensor:
+        pools, longest = (self.pool.k_pages, self.pool.v_pages), int(self.pages.seqlens[layer].max())
+        if self.device_meta is not None:
+            seqlens, cu_seqlens = self.device_meta
+            return paged_attention_triton(q, *pools, table, seqlens[layer], cu_seqlens, self.max_seqlen, longest, 1.0)
+        return paged_attention(q, *pools, table, torch.from_numpy(self.pages.seqlens[layer]), self.cu_seqlens,
+                               self.max_seqlen, longest, 1.0, backend=self.backend)
 
     def _compact(self, layer: int, table: Tensor, raw_q: Tensor | None) -> None:
         """Move the kept tokens of every non-prefix cut to positions [0, kept): rows that share a cut form one

@@ -42,13 +42,13 @@ class SelfAttentionKV(Protocol):
 class TextMemory:
     """Per-row conditioning derived from the text, computed once per request.
     cond: [R, C] pooled text (start token and AdaLN condition); gss: [R, 6, C] shared AdaLN output;
-    head_ss: [R, 2, C] head AdaLN; ca_k / ca_v: per layer [sum(text_lens), H, d] cross-attention K/V."""
+    head_ss: [R, 2, C] head AdaLN; ca_kv: [L, 2, sum(text_lens), H, d] every layer's cross-attention K and V
+    (one tensor, so a step gathers the rows' text with one copy, not two per layer)."""
 
     cond: Tensor
     gss: Tensor
     head_ss: Tensor
-    ca_k: list[Tensor]
-    ca_v: list[Tensor]
+    ca_kv: Tensor
     text_lens: list[int]
 
     def select(self, rows: list[int]) -> "TextMemory":
@@ -57,10 +57,8 @@ class TextMemory:
             starts.append(starts[-1] + n)
         idx = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rows]).to(self.cond.device)
         rows_t = torch.tensor(rows, device=self.cond.device)
-        return TextMemory(
-            self.cond[rows_t], self.gss[rows_t], self.head_ss[rows_t],
-            [k[idx] for k in self.ca_k], [v[idx] for v in self.ca_v], [self.text_lens[r] for r in rows],
-        )
+        return TextMemory(self.cond[rows_t], self.gss[rows_t], self.head_ss[rows_t], self.ca_kv[:, :, idx],
+                          [self.text_lens[r] for r in rows])
 
     @staticmethod
     def concat(parts: list["TextMemory"]) -> "TextMemory":
@@ -68,9 +66,7 @@ class TextMemory:
             return parts[0]
         return TextMemory(
             torch.cat([p.cond for p in parts]), torch.cat([p.gss for p in parts]),
-            torch.cat([p.head_ss for p in parts]),
-            [torch.cat(ks) for ks in zip(*(p.ca_k for p in parts))],
-            [torch.cat(vs) for vs in zip(*(p.ca_v for p in parts))],
+            torch.cat([p.head_ss for p in parts]), torch.cat([p.ca_kv for p in parts], dim=2),
             [n for p in parts for n in p.text_lens],
         )
 
@@ -162,16 +158,16 @@ class CrossAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(cfg.width))
         self.proj = nn.Linear(cfg.width, cfg.width)
 
-    def text_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        kv = F.linear(memory, self.mat_kv.weight).view(-1, 2, self.heads, self.head_dim)
-        return kv[:, 0].contiguous(), (kv[:, 1] + self.v_bias.view(self.heads, self.head_dim)).contiguous()
+    def text_kv(self, memory: Tensor) -> Tensor:
+        """[2, T, H, d]: K and V of the text memory [T, C]."""
+        kv = F.linear(memory, self.mat_kv.weight).view(-1, 2, self.heads, self.head_dim).transpose(0, 1)
+        return torch.stack([kv[0], kv[1] + self.v_bias.view(self.heads, self.head_dim)])
 
     def forward(self, x: Tensor, batch: Batch, layer: int) -> Tensor:
         q = self.mat_q(x).view(x.shape[0], self.heads, self.head_dim)
-        out = varlen_attention(
-            q, batch.text.ca_k[layer], batch.text.ca_v[layer], batch.cu_seqlens, batch.cu_text,
-            batch.max_seqlen, batch.max_text, 1.0 / math.sqrt(self.head_dim),
-        )
+        k, v = batch.text.ca_kv[layer]
+        out = varlen_attention(q, k, v, batch.cu_seqlens, batch.cu_text, batch.max_seqlen, batch.max_text,
+                               1.0 / math.sqrt(self.head_dim))
         return self.proj(out.reshape(x.shape[0], -1))
 
 
@@ -286,15 +282,15 @@ class Infinity(nn.Module):
         acc = self.residual_dtype
         # RMSNorm of the fp32 T5 features (as the reference); the text layers then run in the weights' dtype.
         text = self.text_norm(features.to(acc)).to(self.text_proj_for_ca[0].weight.dtype)
-        cu = _cu_seqlens(lengths, text.device)
+        cu = cu_seqlens(lengths, text.device)
         cond = self.text_proj_for_sos.ca(text, cu, max(lengths)).to(acc)
         memory = self.text_proj_for_ca(text)
-        kvs = [b.ca.text_kv(memory) for b in self.blocks]
+        ca_kv = torch.stack([b.ca.text_kv(memory) for b in self.blocks])
         lin = self.shared_ada_lin[1]
         gss = F.linear(F.silu(cond), lin.weight.to(acc), lin.bias.to(acc)).view(-1, 6, self.cfg.width)
         head = self.head_nm.ada_lin[1]
         head_ss = F.linear(F.silu(cond), head.weight.to(acc), head.bias.to(acc)).view(-1, 2, self.cfg.width)
-        return TextMemory(cond, gss, head_ss, [k for k, _ in kvs], [v for _, v in kvs], list(lengths))
+        return TextMemory(cond, gss, head_ss, ca_kv, list(lengths))
 
     def start_tokens(self, cond: Tensor) -> Tensor:
         """Scale-0 input of rows with pooled text `cond` [R, C]: one token each."""
@@ -318,7 +314,8 @@ class Infinity(nn.Module):
         return F.linear(h, self.head.weight.to(x.dtype), self.head.bias.to(x.dtype))
 
 
-def _cu_seqlens(lengths: list[int], device: torch.device) -> Tensor:
+def cu_seqlens(lengths: list[int], device: torch.device) -> Tensor:
+    """int32 [len(lengths) + 1] offsets of packed rows of these lengths, on `device`."""
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     return upload(cu, device)
@@ -335,8 +332,8 @@ def make_batch(
     row_index = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
     level = torch.repeat_interleave(torch.tensor([s for s, _, _ in row_scales]), torch.tensor(lens))
     return Batch(
-        cu_seqlens=_cu_seqlens(lens, device), max_seqlen=max(lens),
+        cu_seqlens=cu_seqlens(lens, device), max_seqlen=max(lens),
         row_index=upload(row_index, device), level=upload(level, device),
         rope_cos=torch.cat(cos), rope_sin=torch.cat(sin),
-        text=text, cu_text=_cu_seqlens(text.text_lens, device), max_text=max(text.text_lens),
+        text=text, cu_text=cu_seqlens(text.text_lens, device), max_text=max(text.text_lens),
     )

@@ -1,0 +1,161 @@
+"""Steps run from static buffers (what `cuda_graphs` captures), checked on CPU: the same images as eager steps.
+
+On CPU nothing is captured: `StepGraphs(capture=False)` runs the static buffers eagerly. That checks what a graph
+replays (inputs, text and block tables copied into buffers built for another step of the same shape); the
+capture itself runs in the GPU test. float64, as in test_engine.py, so images agree exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from varserve import Engine, SamplingParams
+from varserve.attention import available_backends
+from varserve.graphs import GRAPH_MAX_TOKENS, StepGraphs
+from varserve.models import infinity
+
+ENGINE = dict(dtype="float64", num_pages=40000, page_size=16, max_num_seqs=8)
+SIZES = ["256x256", "1:2@256"]
+# prompts of different lengths: the text buckets and the packed text lengths differ between steps of one shape
+JOBS = [("a red fox", 1, 0), ("a blue square on a green field under a yellow sky", 2, 1), ("a cat", 3, 0),
+        ("a tree", 4, 1)]
+# the same shapes again (sizes, arrival order, text buckets) with other prompts, seeds and pages
+AGAIN = [("a red box", 5, 0), ("a green circle on a blue field under a white sky", 6, 1), ("a dog", 7, 0),
+         ("a bush", 8, 1)]
+
+
+def run(engine: Engine, staggered: bool, jobs: list = JOBS) -> dict[str, np.ndarray]:
+    """Images by prompt; staggered: the requests arrive one step apart, so steps mix scales."""
+    pending = [(p, SamplingParams(size=SIZES[s], seed=seed)) for p, seed, s in jobs]
+    images: dict[str, np.ndarray] = {}
+    while pending or engine.has_unfinished_requests():
+        for _ in range(1 if staggered else len(pending)):
+            if pending:
+                engine.add_request(*pending.pop(0), request_id=f"r{len(pending)}")
+        for out in engine.step():
+            images[out.prompt] = np.asarray(out.image)
+    return images
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, np.ndarray]:
+    engine = Engine("test-small", **ENGINE)
+    return {**run(engine, staggered=True), **run(engine, staggered=True, jobs=AGAIN)}
+
+
+def with_static_steps(backend: str | None = None, **options) -> Engine:
+    engine = Engine("test-small", attention_backend=backend, **(options or ENGINE))
+    runner = engine.runner
+    runner.graphs = StepGraphs(runner.model, runner.pool, runner.backend, capture=False)
+    return engine
+
+
+@pytest.mark.parametrize("staggered", [True, False])
+def test_static_steps_draw_what_eager_steps_draw(expected: dict[str, np.ndarray], staggered: bool) -> None:
+    engine = with_static_steps()
+    images = run(engine, staggered)
+    built = len(engine.runner.graphs.graphs)
+    held = engine.allocator.allocate(engine.allocator.num_free - 5000)  # every page of the first pass (LIFO)
+    pool = engine.runner.pool
+    pool.k_pages[held] = torch.nan  # the second pass must not write there: its tables are its own
+    images.update(run(engine, staggered, AGAIN))
+    assert pool.k_pages[held].isnan().all()
+    engine.allocator.free(held)
+    assert images.keys() == expected.keys()
+    for prompt, image in images.items():
+        np.testing.assert_array_equal(image, expected[prompt], err_msg=prompt)
+    graphs = engine.runner.graphs
+    assert len(graphs.graphs) == built and graphs.steps == 2 * built  # the second pass only replayed
+    assert engine.cache_stats()["used_pages"] == 0 and not engine.has_unfinished_requests()
+
+
+def test_only_small_steps_that_move_no_tokens_are_eligible() -> None:
+    engine = Engine("test-small", kv_policy="scalekv", kv_budget=0.3, **ENGINE)
+    runner = engine.runner
+    graphs = StepGraphs(runner.model, runner.pool, "hybrid", capture=False)
+    engine.add_request("a red fox", SamplingParams(size="512x512", seed=1))
+    seen = []
+    while engine.has_unfinished_requests():
+        (req,) = engine.scheduler.schedule()
+        cuts = any(req.plan.cut(req.scale, layer) is not None for layer in range(runner.model.cfg.depth))
+        small = req.schedule.tokens[req.scale] < 1024 and req.scale_tokens <= GRAPH_MAX_TOKENS
+        seen.append(graphs.eligible([req]))
+        assert seen[-1] == (small and not cuts), req.scale
+        engine.step()
+    assert True in seen and False in seen
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu") or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="feeds the Triton kernel from device copies on CPU only under TRITON_INTERPRET=1")
+def test_static_steps_on_the_triton_path_read_nothing_from_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a capture needs: no tensor read on the host inside the step, and the eager step's images."""
+    fp32 = {**ENGINE, "dtype": "float32"}  # the Triton kernel's dtypes
+    want = run(Engine("test-small", attention_backend="hybrid", **fp32), staggered=False)
+    engine = with_static_steps("hybrid", **fp32)
+    graphs, model = engine.runner.graphs, engine.runner.model
+    forward, cross_attention, exempt = model.forward, infinity.varlen_attention, []
+
+    def guarded(*args):
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__"):
+                m.setattr(torch.Tensor, name, _forbidden(name, getattr(torch.Tensor, name), exempt))
+            return forward(*args)
+
+    def cpu_cross_attention(*args):  # CPU's padded fallback reads lengths; CUDA graphs run FA2 varlen (bf16)
+        exempt.append(1)
+        try:
+            return cross_attention(*args)
+        finally:
+            exempt.pop()
+
+    steps, execute = [], engine.runner.execute
+    monkeypatch.setattr(model, "forward", guarded)  # every step of this run is a static one (asserted below)
+    monkeypatch.setattr(infinity, "varlen_attention", cpu_cross_attention)
+    monkeypatch.setattr(engine.runner, "execute", lambda *args: steps.append(1) or execute(*args))
+    images = run(engine, staggered=False)
+    assert graphs.steps == len(steps) > 0
+    for prompt, image in images.items():
+        np.testing.assert_array_equal(image, want[prompt], err_msg=prompt)
+
+
+def _forbidden(name: str, original, exempt: list):
+    """Tensor.<name> that fails, except inside Triton's interpreter (which emulates the GPU on the host) and
+    while `exempt` is not empty."""
+    def read(self, *args, **kwargs):
+        if exempt:
+            return original(self, *args, **kwargs)
+        frame = sys._getframe(1)
+        while frame is not None:
+            if f"{os.sep}triton{os.sep}runtime{os.sep}" in frame.f_code.co_filename:
+                return original(self, *args, **kwargs)
+            frame = frame.f_back
+        raise AssertionError(f"Tensor.{name} inside a static step")
+    return read
+
+
+@pytest.mark.gpu
+def test_captured_steps_draw_what_eager_steps_draw_on_cuda() -> None:
+    """`cuda_graphs=True` on the GPU: small steps are captured, then replayed with other pages, inputs and text;
+    the images equal the eager engine's (bf16: the same kernels on the same data give the same pixels)."""
+    options = dict(device="cuda", num_pages=40000, page_size=16, max_num_seqs=8)
+    want = {**run(Engine("test-small", **options), staggered=True),
+            **run(Engine("test-small", **options), staggered=True, jobs=AGAIN)}
+    engine = Engine("test-small", cuda_graphs=True, **options)
+    images = {**run(engine, staggered=True), **run(engine, staggered=True, jobs=AGAIN)}
+    graphs = engine.runner.graphs
+    assert graphs.graphs and all(g.graph is not None for g in graphs.graphs.values())
+    assert graphs.steps > len(graphs.graphs)  # replays of captured shapes
+    for prompt, image in images.items():
+        np.testing.assert_array_equal(image, want[prompt], err_msg=prompt)
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device and bfloat16"):
+        Engine("test-small", cuda_graphs=True, device="cuda", dtype="float32", num_pages=100)
+
+
+def test_cuda_graphs_refuse_a_cpu_engine() -> None:
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        Engine("test-small", cuda_graphs=True, device="cpu", num_pages=100)
