@@ -16,11 +16,13 @@ import torch
 
 from varserve import Engine, SamplingParams
 from varserve.attention import available_backends
-from varserve.graphs import GRAPH_MAX_TOKENS, StepGraphs
+from varserve.attention import paged
+from varserve.attention.paged import HYBRID_MIN_Q
+from varserve.graphs import StepGraphs
 from varserve.models import infinity
 
 ENGINE = dict(dtype="float64", num_pages=40000, page_size=16, max_num_seqs=8)
-SIZES = ["256x256", "1:2@256"]
+SIZES = ["256x256", "1:2@256", "512x512"]
 # prompts of different lengths: the text buckets and the packed text lengths differ between steps of one shape
 JOBS = [("a red fox", 1, 0), ("a blue square on a green field under a yellow sky", 2, 1), ("a cat", 3, 0),
         ("a tree", 4, 1)]
@@ -74,31 +76,38 @@ def test_static_steps_draw_what_eager_steps_draw(expected: dict[str, np.ndarray]
     assert engine.cache_stats()["used_pages"] == 0 and not engine.has_unfinished_requests()
 
 
-def test_only_small_steps_that_move_no_tokens_are_eligible() -> None:
+def test_steps_that_move_tokens_or_are_large_run_eagerly_and_each_backend_has_its_route() -> None:
     engine = Engine("test-small", kv_policy="scalekv", kv_budget=0.3, **ENGINE)
     runner = engine.runner
-    graphs = StepGraphs(runner.model, runner.pool, "hybrid", capture=False)
+    graphs = {b: StepGraphs(runner.model, runner.pool, b, capture=False) for b in ("hybrid", "triton", "reference")}
     engine.add_request("a red fox", SamplingParams(size="512x512", seed=1))
-    seen = []
+    engine.add_request("a blue box", SamplingParams(size="256x256", seed=2))
+    eligible, routes = [], set()
     while engine.has_unfinished_requests():
-        (req,) = engine.scheduler.schedule()
-        cuts = any(req.plan.cut(req.scale, layer) is not None for layer in range(runner.model.cfg.depth))
-        small = req.schedule.tokens[req.scale] < 1024 and req.scale_tokens <= GRAPH_MAX_TOKENS
-        seen.append(graphs.eligible([req]))
-        assert seen[-1] == (small and not cuts), req.scale
+        reqs = engine.scheduler.schedule()
+        routes.add(graphs["hybrid"].route(reqs))
+        cuts = any(r.plan.cut(r.scale, layer) is not None for r in reqs for layer in range(runner.model.cfg.depth))
+        eligible.append(graphs["hybrid"].eligible(reqs))
+        assert eligible[-1] == (not cuts) and not graphs["hybrid"].eligible(reqs * 5)  # 10 rows or more: too many
+        small = all(r.schedule.tokens[r.scale] < HYBRID_MIN_Q for r in reqs)
+        one_shape = len({(r.schedule.name, r.scale) for r in reqs}) == 1
+        assert graphs["hybrid"].route(reqs) == ("triton" if small else "sdpa_gather" if one_shape else None)
+        assert graphs["triton"].route(reqs) == "triton" and graphs["reference"].route(reqs) is None
         engine.step()
-    assert True in seen and False in seen
+    assert True in eligible and False in eligible and routes == {"triton", "sdpa_gather"}
 
 
 @pytest.mark.skipif("triton" not in available_backends("cpu") or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="feeds the Triton kernel from device copies on CPU only under TRITON_INTERPRET=1")
-def test_static_steps_on_the_triton_path_read_nothing_from_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a capture needs: no tensor read on the host inside the step, and the eager step's images."""
+def test_static_steps_on_the_graph_routes_read_nothing_from_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a capture needs, on both routes (Triton for the small scales, gathered SDPA for 512x512's 32x32): no
+    tensor read on the host inside the step, and the eager step's images."""
     fp32 = {**ENGINE, "dtype": "float32"}  # the Triton kernel's dtypes
-    want = run(Engine("test-small", attention_backend="hybrid", **fp32), staggered=False)
+    jobs = [*JOBS, ("a red box", 5, 2), ("a green circle", 6, 2)]
+    want = run(Engine("test-small", attention_backend="hybrid", **fp32), staggered=False, jobs=jobs)
     engine = with_static_steps("hybrid", **fp32)
     graphs, model = engine.runner.graphs, engine.runner.model
-    forward, cross_attention, exempt = model.forward, infinity.varlen_attention, []
+    forward, exempt = model.forward, []
 
     def guarded(*args):
         with monkeypatch.context() as m:
@@ -106,19 +115,25 @@ def test_static_steps_on_the_triton_path_read_nothing_from_the_host(monkeypatch:
                 m.setattr(torch.Tensor, name, _forbidden(name, getattr(torch.Tensor, name), exempt))
             return forward(*args)
 
-    def cpu_cross_attention(*args):  # CPU's padded fallback reads lengths; CUDA graphs run FA2 varlen (bf16)
-        exempt.append(1)
-        try:
-            return cross_attention(*args)
-        finally:
-            exempt.pop()
+    def exempted(fn):
+        def call(*args):
+            exempt.append(fn)
+            try:
+                return fn(*args)
+            finally:
+                exempt.pop()
+        return call
 
-    steps, execute = [], engine.runner.execute
-    monkeypatch.setattr(model, "forward", guarded)  # every step of this run is a static one (asserted below)
-    monkeypatch.setattr(infinity, "varlen_attention", cpu_cross_attention)
-    monkeypatch.setattr(engine.runner, "execute", lambda *args: steps.append(1) or execute(*args))
-    images = run(engine, staggered=False)
-    assert graphs.steps == len(steps) > 0
+    routes, execute = [], engine.runner.execute
+    monkeypatch.setattr(model, "forward", guarded)  # eager steps read nothing either (not required of them)
+    # host by design: CPU's padded cross-attention (CUDA graphs run FA2 varlen, bf16) and the gathered path's
+    # plan, which PagedKV feeds from CPU tensors
+    monkeypatch.setattr(infinity, "varlen_attention", exempted(infinity.varlen_attention))
+    monkeypatch.setattr(paged, "_host_plan", exempted(paged._host_plan))
+    monkeypatch.setattr(engine.runner, "execute", lambda reqs, blocks: graphs.eligible(reqs) and
+                        routes.append(graphs.route(reqs)) or execute(reqs, blocks))
+    images = run(engine, staggered=False, jobs=jobs)  # steps of more than GRAPH_MAX_ROWS rows run eagerly
+    assert graphs.steps == len(routes) and set(routes) == {"triton", "sdpa_gather"}
     for prompt, image in images.items():
         np.testing.assert_array_equal(image, want[prompt], err_msg=prompt)
 

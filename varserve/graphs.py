@@ -1,16 +1,19 @@
 """CUDA graphs of small steps, for the model runner.
 
-At small scales a step is bound by the host: ~35 kernel launches per layer cost more than the kernels. A step
-whose rows all take the Triton attention kernel and whose layers cut nothing (`StepGraphs.eligible`) is
-captured once per shape, that is the requests' (size, scale, rows, text-length bucket) in step order, and
-replayed after. The block manager plans each step's pages on the host as always; its block tables, the inputs
-and the text are copied into the graph's static buffers before every replay. Without capture (CPU) the same
-static buffers run eagerly, which is how the CPU tests check them.
+With few requests a step is bound by the host: ~35 kernel launches per layer cost more than the kernels (at
+batch 1, ~100 ms per step whatever the scale). A step of a few rows whose layers move no tokens and whose rows
+all take one attention path that needs nothing from the host (`StepGraphs.route`: the Triton kernel, fed from
+device copies of its metadata, or, for rows of one shape, gathered cuDNN planned from host copies) is captured
+once per shape, that is the requests' (size, scale, rows, text-length bucket) in step order, and replayed
+after. The block manager plans each step's pages on the host as always; its block tables, the inputs and the
+text are copied into the graph's static buffers before every replay. Without capture (CPU) the same static
+buffers run eagerly, which is how the CPU tests check them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +27,12 @@ from varserve.scheduler.request import Request
 
 logger = logging.getLogger("varserve")
 
-GRAPH_MAX_TOKENS = 4096  # steps of at most this many tokens (all rows) are captured
+STATIC_ROUTES = ("hybrid", "triton", "sdpa_gather")  # backends with a path that a graph can hold
+
+GRAPH_MAX_TOKENS = 8192  # steps of at most this many tokens (all rows: one 1024x1024 CFG image's last scale)
+GRAPH_MAX_ROWS = 8  # and at most this many rows: larger steps keep the device busy on their own
+MAX_GRAPHS = 64  # shapes kept; the least recently used one goes first
 TEXT_BUCKET_MIN = 16  # a request's text capacity: its longest row's length rounded up to a power of 2, at least this
-TRITON_ONLY = {"triton": None, "hybrid": HYBRID_MIN_Q}  # backends whose small rows take Triton: the row bound
 
 
 @dataclass
@@ -44,24 +50,31 @@ class StepGraphs:
 
     def __init__(self, model: Infinity, pool: KVPool, backend: str, capture: bool):
         self.model, self.pool, self.backend, self.capture = model, pool, backend, capture
-        self.graphs: dict[tuple, _StepGraph] = {}
+        self.graphs: OrderedDict[tuple, _StepGraph] = OrderedDict()
         self.mempool = torch.cuda.graph_pool_handle() if capture else None
         self.steps = 0  # steps run from static buffers (replayed when capturing); the benchmark resets it
-        if capture and backend not in TRITON_ONLY:
-            logger.warning("cuda_graphs: attention backend %r never takes the Triton kernel, so no step is captured "
-                           "(use hybrid or triton)", backend)
+        if capture and backend not in STATIC_ROUTES:
+            logger.warning("cuda_graphs: attention backend %r cannot run in a graph, so no step is captured (use "
+                           "%s)", backend, " or ".join(STATIC_ROUTES))
 
     def eligible(self, reqs: list[Request]) -> bool:
-        """Whether a step can run from static buffers: small, no layer moves tokens, and (when the attention
-        must be fed from the device) every row takes the Triton kernel."""
-        if sum(r.scale_tokens for r in reqs) > GRAPH_MAX_TOKENS:
+        """Whether a step can run from static buffers: few rows and tokens, no layer moves tokens, and (when
+        captured) one attention path that needs nothing from the host."""
+        if sum(r.scale_tokens for r in reqs) > GRAPH_MAX_TOKENS or sum(r.rows for r in reqs) > GRAPH_MAX_ROWS:
             return False
         if any(r.plan.cut(r.scale, layer) is not None for r in reqs for layer in range(r.plan.kept.shape[1])):
             return False
-        if self.backend not in TRITON_ONLY:
-            return not self.capture
-        bound = TRITON_ONLY[self.backend]
-        return bound is None or all(r.schedule.tokens[r.scale] < bound for r in reqs)
+        return not self.capture or self.route(reqs) is not None
+
+    def route(self, reqs: list[Request]) -> str | None:
+        """The attention backend of a captured step ('triton' or 'sdpa_gather'), None if it has none: the
+        configured backend's choice for these rows, when that needs no host read or upload inside the step."""
+        small = [r.schedule.tokens[r.scale] < HYBRID_MIN_Q for r in reqs]
+        if self.backend == "triton" or (self.backend == "hybrid" and all(small)):
+            return "triton"
+        gathered = self.backend == "sdpa_gather" or (self.backend == "hybrid" and not any(small))
+        one_shape = len({(r.schedule.name, r.scale) for r in reqs}) == 1 and _heads_equal(reqs[0])
+        return "sdpa_gather" if gathered and one_shape else None  # one group of rows: slices, nothing uploaded
 
     def run(self, reqs: list[Request], x: list[Tensor], texts: list[TextMemory], pages: StepPages) -> Tensor:
         """Logits of the step (a buffer the next replay of its shape overwrites: read it before)."""
@@ -70,7 +83,10 @@ class StepGraphs:
         fresh = step is None
         if fresh:
             step = self.graphs[key] = self._build(reqs, texts, pages)
+            if len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
         else:
+            self.graphs.move_to_end(key)
             step.kv.load(pages)
         _load_inputs(step, x, texts)
         self.steps += 1
@@ -95,8 +111,8 @@ class StepGraphs:
         row_scales = [(r.scale, r.schedule.scales[r.scale], r.schedule.rope_grid) for r in reqs for _ in range(r.rows)]
         batch = make_batch(model, text, row_scales)  # cu_text: the capacities until a load sets the real lengths
         x = torch.empty(sum(r.scale_tokens for r in reqs), width, dtype=dtype, device=device)
-        on_device = self.backend in TRITON_ONLY
-        return _StepGraph(x, batch, PagedKV(self.pool, reqs, pages, self.backend, on_device=on_device))
+        static_route = self.route(reqs) if self.backend in STATIC_ROUTES else None
+        return _StepGraph(x, batch, PagedKV(self.pool, reqs, pages, self.backend, static_route=static_route))
 
     def _capture(self, step: _StepGraph) -> None:
         """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture. The warm-up
@@ -109,6 +125,12 @@ class StepGraphs:
         step.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(step.graph, pool=self.mempool):
             step.logits = self.model(step.x, step.batch, step.kv)
+
+
+def _heads_equal(req: Request) -> bool:
+    """Whether every head of the request holds as many keys as the others at its current scale (no mask)."""
+    attend = req.plan.attend_len[req.scale]
+    return bool((attend == attend[..., :1]).all())
 
 
 def _bucket(text: TextMemory) -> int:

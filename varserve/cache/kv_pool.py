@@ -52,12 +52,13 @@ class PagedKV:
     through their block tables, then the kept tokens of non-prefix cuts are moved to the front of their
     tables (on the device, batched over the step's rows).
 
-    `on_device=True` (steps run from static buffers, `varserve/graphs.py`) feeds the attention from device copies
-    of its metadata, so nothing is read or uploaded from the host while the step runs; every row must take the
-    Triton kernel and no cut may move tokens (`StepGraphs.eligible`). `load` then swaps in another step's tables."""
+    `static_route` (steps run from static buffers, `varserve/graphs.py`) is the one attention backend of such a
+    step, called so that nothing is read or uploaded from the host while it runs: 'triton' from device copies of
+    its metadata, 'sdpa_gather' (rows of one shape) planning from host copies only; no cut may move tokens
+    (`StepGraphs.eligible`). `load` then swaps in another step's tables."""
 
     def __init__(self, pool: KVPool, reqs: list[Request], pages: StepPages, backend: str | None,
-                 on_device: bool = False):
+                 static_route: str | None = None):
         self.pool, self.reqs, self.pages, self.backend = pool, reqs, pages, backend
         row_lengths = [r.schedule.tokens[r.scale] for r in reqs for _ in range(r.rows)]
         self.max_seqlen = max(row_lengths)
@@ -67,8 +68,9 @@ class PagedKV:
         device = pool.k_pages.device
         self.block_tables, self.history = upload(pages.block_tables, device), upload(pages.history, device)
         self.tokens = token_rows(self.cu_seqlens, sum(row_lengths), device)
+        self.static_route = static_route
         self.device_meta = (upload(pages.seqlens, device, torch.int32), upload(self.cu_seqlens, device)) \
-            if on_device else None
+            if static_route == "triton" else None
 
     def load(self, pages: StepPages) -> None:
         """Take the tables of another step of the same shape, in place (the tensors a graph captured stay)."""
@@ -95,7 +97,7 @@ class PagedKV:
             seqlens, cu_seqlens = self.device_meta
             return paged_attention_triton(q, *pools, table, seqlens[layer], cu_seqlens, self.max_seqlen, longest, 1.0)
         return paged_attention(q, *pools, table, torch.from_numpy(self.pages.seqlens[layer]), self.cu_seqlens,
-                               self.max_seqlen, longest, 1.0, backend=self.backend)
+                               self.max_seqlen, longest, 1.0, backend=self.static_route or self.backend)
 
     def _compact(self, layer: int, table: Tensor, raw_q: Tensor | None) -> None:
         """Move the kept tokens of every non-prefix cut to positions [0, kept): rows that share a cut form one
