@@ -18,7 +18,7 @@ from varserve import Engine, SamplingParams
 from varserve.attention import available_backends
 from varserve.attention import paged
 from varserve.attention.paged import HYBRID_MIN_Q
-from varserve.graphs import StepGraphs
+from varserve.graphs import TEXT_ROOM, StepGraphs
 from varserve.models import infinity
 
 ENGINE = dict(dtype="float64", num_pages=40000, page_size=16, max_num_seqs=8)
@@ -76,6 +76,15 @@ def test_static_steps_draw_what_eager_steps_draw(expected: dict[str, np.ndarray]
     assert engine.cache_stats()["used_pages"] == 0 and not engine.has_unfinished_requests()
 
 
+def test_growing_the_shared_text_buffer_drops_the_graphs_that_used_the_old_one() -> None:
+    engine = Engine("test-small", **ENGINE)
+    graphs = StepGraphs(engine.runner.model, engine.runner.pool, "reference", capture=False)
+    first = graphs._text_buffers(10, torch.float64)
+    graphs.graphs[("a shape",)] = None
+    assert graphs._text_buffers(TEXT_ROOM, torch.float64) is first and graphs.graphs
+    assert graphs._text_buffers(TEXT_ROOM + 1, torch.float64).ca_kv.shape[2] >= TEXT_ROOM + 1 and not graphs.graphs
+
+
 def test_steps_that_move_tokens_or_are_large_run_eagerly_and_each_backend_has_its_route() -> None:
     engine = Engine("test-small", kv_policy="scalekv", kv_budget=0.3, **ENGINE)
     runner = engine.runner
@@ -111,8 +120,10 @@ def test_static_steps_on_the_graph_routes_read_nothing_from_the_host(monkeypatch
 
     def guarded(*args):
         with monkeypatch.context() as m:
-            for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__"):
+            for name in ("item", "tolist", "numpy", "cpu", "nonzero", "pin_memory", "__bool__", "__int__",
+                         "__float__"):
                 m.setattr(torch.Tensor, name, _forbidden(name, getattr(torch.Tensor, name), exempt))
+            m.setattr(paged, "upload", _tensors_only(paged.upload, exempt))  # host arrays would be uploads on CUDA
             return forward(*args)
 
     def exempted(fn):
@@ -136,6 +147,14 @@ def test_static_steps_on_the_graph_routes_read_nothing_from_the_host(monkeypatch
     assert graphs.steps == len(routes) and set(routes) == {"triton", "sdpa_gather"}
     for prompt, image in images.items():
         np.testing.assert_array_equal(image, want[prompt], err_msg=prompt)
+
+
+def _tensors_only(upload, exempt: list):
+    def checked(x, *args, **kwargs):
+        if not exempt and not isinstance(x, torch.Tensor):
+            raise AssertionError(f"upload of a host {type(x).__name__} inside a static step")
+        return upload(x, *args, **kwargs)
+    return checked
 
 
 def _forbidden(name: str, original, exempt: list):

@@ -33,26 +33,36 @@ GRAPH_MAX_TOKENS = 8192  # steps of at most this many tokens (all rows: one 1024
 GRAPH_MAX_ROWS = 8  # and at most this many rows: larger steps keep the device busy on their own
 MAX_GRAPHS = 64  # shapes kept; the least recently used one goes first
 TEXT_BUCKET_MIN = 16  # a request's text capacity: its longest row's length rounded up to a power of 2, at least this
+TEXT_ROOM = GRAPH_MAX_ROWS * 64  # text tokens the shared text buffer holds at first (2B: 128 MiB)
 
 
 @dataclass
 class _StepGraph:
-    x: Tensor  # [T, C] the step's input tokens
-    batch: Batch  # static metadata; its text holds the rows' text, cu_text their lengths
+    x: Tensor  # [T, C] the step's input tokens (a view of the shared input buffer)
+    batch: Batch  # static metadata; its text (views of the shared text buffers) holds the rows' text
     kv: PagedKV
     graph: torch.cuda.CUDAGraph | None = None
-    logits: Tensor | None = None  # the captured output, rewritten by every replay
+    logits: Tensor | None = None  # the captured output, rewritten by every replay (of any shape: they share a pool)
 
 
 class StepGraphs:
     """The captured steps of one model runner, by shape. `capture=False` runs the same static buffers eagerly
-    (the CPU tests); with a Triton backend the attention is then fed from device copies, as when captured."""
+    (the CPU tests); with a Triton backend the attention is then fed from device copies, as when captured.
+
+    Graphs replay one at a time on one stream, so their inputs are views of one set of buffers (input tokens,
+    AdaLN rows, text K/V: the text buffer grows, dropping the graphs, when a shape needs more) and their
+    activations share one memory pool. The first step of a shape runs eagerly (the warm-up: Triton compiles,
+    cuBLAS and cuDNN pick their kernels) and gives the step's logits; the capture that follows runs nothing.
+    A shape whose capture fails runs eagerly from then on, with a warning."""
 
     def __init__(self, model: Infinity, pool: KVPool, backend: str, capture: bool):
         self.model, self.pool, self.backend, self.capture = model, pool, backend, capture
         self.graphs: OrderedDict[tuple, _StepGraph] = OrderedDict()
+        self.refused: set[tuple] = set()  # shapes whose capture failed
         self.mempool = torch.cuda.graph_pool_handle() if capture else None
         self.steps = 0  # steps run from static buffers (replayed when capturing); the benchmark resets it
+        self._inputs: Tensor | None = None
+        self._text: TextMemory | None = None
         if capture and backend not in STATIC_ROUTES:
             logger.warning("cuda_graphs: attention backend %r cannot run in a graph, so no step is captured (use "
                            "%s)", backend, " or ".join(STATIC_ROUTES))
@@ -76,55 +86,91 @@ class StepGraphs:
         one_shape = len({(r.schedule.name, r.scale) for r in reqs}) == 1 and _heads_equal(reqs[0])
         return "sdpa_gather" if gathered and one_shape else None  # one group of rows: slices, nothing uploaded
 
-    def run(self, reqs: list[Request], x: list[Tensor], texts: list[TextMemory], pages: StepPages) -> Tensor:
-        """Logits of the step (a buffer the next replay of its shape overwrites: read it before)."""
+    def run(self, reqs: list[Request], x: list[Tensor], texts: list[TextMemory], pages: StepPages) -> Tensor | None:
+        """Logits of the step, to read before the next step (a graph's output buffer); None if its shape runs
+        eagerly (its capture failed), the caller then runs it."""
         key = tuple((r.schedule.name, r.scale, r.rows, _bucket(t)) for r, t in zip(reqs, texts))
+        if key in self.refused:
+            return None
         step = self.graphs.get(key)
-        fresh = step is None
-        if fresh:
-            step = self.graphs[key] = self._build(reqs, texts, pages)
-            if len(self.graphs) > MAX_GRAPHS:
-                self.graphs.popitem(last=False)
-        else:
+        if step is not None:
             self.graphs.move_to_end(key)
             step.kv.load(pages)
+            _load_inputs(step, x, texts)
+            self.steps += 1
+            if step.graph is None:
+                return self.model(step.x, step.batch, step.kv)
+            step.graph.replay()
+            return step.logits
+        step = self._build(reqs, texts, pages)
         _load_inputs(step, x, texts)
+        logits = self._warm_up(step)
+        if self.capture and not self._capture(key, step):
+            return logits
+        self.graphs[key] = step
+        if len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
         self.steps += 1
-        if not self.capture:
-            return self.model(step.x, step.batch, step.kv)
-        if fresh:
-            self._capture(step)
-            logger.info("captured a CUDA graph of a %d-token step (%d graphs)", step.x.shape[0], len(self.graphs))
-        step.graph.replay()
-        return step.logits
+        return logits
 
     def _build(self, reqs: list[Request], texts: list[TextMemory], pages: StepPages) -> _StepGraph:
-        model, device = self.model, self.pool.k_pages.device
+        model = self.model
         capacity = [_bucket(t) for r, t in zip(reqs, texts) for _ in range(r.rows)]
-        rows, L, H, d = len(capacity), model.cfg.depth, model.cfg.num_heads, model.cfg.head_dim
-        dtype, width = model.residual_dtype, model.cfg.width
-        text = TextMemory(
-            cond=torch.empty(0, device=device), gss=torch.empty(rows, 6, width, dtype=dtype, device=device),
-            head_ss=torch.empty(rows, 2, width, dtype=dtype, device=device),
-            ca_kv=torch.zeros(L, 2, sum(capacity), H, d, dtype=texts[0].ca_kv.dtype, device=device),
-            text_lens=capacity)
+        shared = self._text_buffers(sum(capacity), texts[0].ca_kv.dtype)
+        text = TextMemory(shared.cond, shared.gss[: len(capacity)], shared.head_ss[: len(capacity)],
+                          shared.ca_kv[:, :, : sum(capacity)], capacity)
         row_scales = [(r.scale, r.schedule.scales[r.scale], r.schedule.rope_grid) for r in reqs for _ in range(r.rows)]
         batch = make_batch(model, text, row_scales)  # cu_text: the capacities until a load sets the real lengths
-        x = torch.empty(sum(r.scale_tokens for r in reqs), width, dtype=dtype, device=device)
+        x = self._input_buffer()[: sum(r.scale_tokens for r in reqs)]
         static_route = self.route(reqs) if self.backend in STATIC_ROUTES else None
         return _StepGraph(x, batch, PagedKV(self.pool, reqs, pages, self.backend, static_route=static_route))
 
-    def _capture(self, step: _StepGraph) -> None:
-        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture. The warm-up
-        writes the step's K/V, which the replay writes again identically."""
+    def _input_buffer(self) -> Tensor:
+        if self._inputs is None:
+            self._inputs = torch.empty(GRAPH_MAX_TOKENS, self.model.cfg.width, dtype=self.model.residual_dtype,
+                                       device=self.pool.k_pages.device)
+        return self._inputs
+
+    def _text_buffers(self, tokens: int, dtype: torch.dtype) -> TextMemory:
+        """The shared text buffers, with room for `tokens` text tokens; growing them drops every graph."""
+        if self._text is None or self._text.ca_kv.shape[2] < tokens:
+            cfg, device, acc = self.model.cfg, self.pool.k_pages.device, self.model.residual_dtype
+            room = max(tokens, 2 * self._text.ca_kv.shape[2] if self._text is not None else TEXT_ROOM)
+            self.graphs.clear()
+            self._text = TextMemory(
+                cond=torch.empty(0, device=device),
+                gss=torch.empty(GRAPH_MAX_ROWS, 6, cfg.width, dtype=acc, device=device),
+                head_ss=torch.empty(GRAPH_MAX_ROWS, 2, cfg.width, dtype=acc, device=device),
+                ca_kv=torch.zeros(cfg.depth, 2, room, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device),
+                text_lens=[room])
+        return self._text
+
+    def _warm_up(self, step: _StepGraph) -> Tensor:
+        """The step itself, eagerly; on CUDA on a side stream, as a capture needs its first run to be."""
+        if not self.capture:
+            return self.model(step.x, step.batch, step.kv)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model(step.x, step.batch, step.kv)
+            logits = self.model(step.x, step.batch, step.kv)
         torch.cuda.current_stream().wait_stream(side)
-        step.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(step.graph, pool=self.mempool):
-            step.logits = self.model(step.x, step.batch, step.kv)
+        logits.record_stream(torch.cuda.current_stream())
+        return logits
+
+    def _capture(self, key: tuple, step: _StepGraph) -> bool:
+        """Record the step's kernels (nothing runs); False, with a warning, if the capture fails."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.mempool):
+                step.logits = self.model(step.x, step.batch, step.kv)
+        except Exception as exc:  # the step already ran (the warm-up): only later steps of this shape run eagerly
+            self.refused.add(key)
+            logger.warning("cuda_graphs: capturing a %d-token step failed (%s); steps of its shape run eagerly",
+                           step.x.shape[0], exc)
+            return False
+        step.graph = graph
+        logger.info("captured a CUDA graph of a %d-token step (%d graphs)", step.x.shape[0], len(self.graphs) + 1)
+        return True
 
 
 def _heads_equal(req: Request) -> bool:

@@ -168,7 +168,9 @@ class ModelRunner:
     def _forward(self, reqs: list[Request], states: list[RequestState], pages: StepPages) -> Tensor:
         """The transformer over the step's tokens: replayed from a CUDA graph when the step is small enough."""
         if self.graphs is not None and self.graphs.eligible(reqs):
-            return self.graphs.run(reqs, [s.x for s in states], [s.text for s in states], pages)
+            logits = self.graphs.run(reqs, [s.x for s in states], [s.text for s in states], pages)
+            if logits is not None:
+                return logits
         rows = [(r.scale, r.schedule.scales[r.scale], r.schedule.rope_grid) for r in reqs for _ in range(r.rows)]
         batch = make_batch(self.model, TextMemory.concat([s.text for s in states]), rows)
         return self.model(torch.cat([s.x for s in states]), batch, PagedKV(self.pool, reqs, pages, self.backend))

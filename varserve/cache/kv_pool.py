@@ -75,7 +75,8 @@ class PagedKV:
     def load(self, pages: StepPages) -> None:
         """Take the tables of another step of the same shape, in place (the tensors a graph captured stay)."""
         same = pages.block_tables.shape == self.pages.block_tables.shape
-        if not (same and np.array_equal(pages.seqlens, self.pages.seqlens)):
+        if not (same and np.array_equal(pages.seqlens, self.pages.seqlens)
+                and np.array_equal(pages.history, self.pages.history)):
             raise ValueError("PagedKV.load needs a step of the same shape")
         self.block_tables.copy_(upload(pages.block_tables, self.block_tables.device), non_blocking=True)
         self.pages = pages
