@@ -53,7 +53,9 @@ class StepGraphs:
     AdaLN rows, text K/V: the text buffer grows, dropping the graphs, when a shape needs more) and their
     activations share one memory pool. The first step of a shape runs eagerly (the warm-up: Triton compiles,
     cuBLAS and cuDNN pick their kernels) and gives the step's logits; the capture that follows runs nothing.
-    A shape whose capture fails runs eagerly from then on, with a warning."""
+    A shape whose capture fails runs eagerly from then on, with a warning. Their memory (the input buffers, the
+    text buffer from 128 MiB on Infinity-2B, and the pool of the largest captured step) comes out of the margin
+    the KV pool's sizing leaves over the profiled largest step (model_runner.ACTIVATION_MARGIN)."""
 
     def __init__(self, model: Infinity, pool: KVPool, backend: str, capture: bool):
         self.model, self.pool, self.backend, self.capture = model, pool, backend, capture
