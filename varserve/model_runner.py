@@ -48,6 +48,9 @@ class ModelRunner:
         self.config, self.policy = config, policy
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, config.dtype) if config.dtype else _default_dtype(self.device)
+        if config.cuda_graphs and (self.device.type != "cuda" or self.dtype not in (torch.bfloat16, torch.float16)):
+            raise ValueError(f"cuda_graphs needs a CUDA device and bfloat16 or float16 (FlashAttention's varlen "
+                             f"cross-attention), not {self.device} {self.dtype}")
         loaded = load_model(config.model, device=self.device, dtype=self.dtype,
                             random_weights=config.random_weights, weights=config.weights, seed=config.seed)
         self.model_config, self.model, self.vae, self.text_encoder = (
@@ -60,13 +63,7 @@ class ModelRunner:
         self.pool = KVPool(self.num_pages, self.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.states: dict[str, RequestState] = {}
         self.timer: StageTimer | None = None  # set by the benchmark to split device time by stage
-        self.graphs = self._step_graphs() if config.cuda_graphs else None
-
-    def _step_graphs(self) -> StepGraphs:
-        if self.device.type != "cuda" or self.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"cuda_graphs needs a CUDA device and bfloat16 or float16 (FlashAttention's varlen "
-                             f"cross-attention), not {self.device} {self.dtype}")
-        return StepGraphs(self.model, self.pool, self.backend, capture=True)
+        self.graphs = StepGraphs(self.model, self.pool, self.backend, capture=True) if config.cuda_graphs else None
 
     # ---- memory sizing --------------------------------------------------------------------------------
     def _size_pool(self) -> int:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import math
@@ -513,8 +514,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine(_engine(args))
     app = create_app(engine, model_name=args.served_model_name or args.model, max_queue=args.max_queue,
                      shutdown_timeout=args.shutdown_timeout)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl+C it handled, after draining
         make_server(app, args.host, args.port, args.log_level).run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled, after the drain and its shutdown
-        pass
     return 0
