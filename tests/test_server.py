@@ -232,8 +232,10 @@ LONG_PROMPT = "x" * 300  # the test-small model's text encoder takes 128 tokens
     ({"prompt": "a", "response_format": "png", "n": 2}, 400, None, "n must be 1", None),
     ({"prompt": "a", "kv_budget": 0.5}, 400, "kv_budget", "Extra inputs are not permitted", None),
     ({"prompt": "a", "model": "dall-e-3"}, 404, "model", "'dall-e-3' is not served here", "model_not_found"),
-    ({"prompt": LONG_PROMPT, "size": SMALL}, 400, None, "over the 128-token limit", None),
-    ({"prompt": "a", "size": SMALL, "negative_prompt": LONG_PROMPT}, 400, None, "over the 128-token limit", None),
+    ({"prompt": LONG_PROMPT, "size": SMALL}, 400, "prompt", "^prompt is 3\\d+ tokens long .*over the 128-token limit",
+     None),
+    ({"prompt": "a", "size": SMALL, "negative_prompt": LONG_PROMPT}, 400, "negative_prompt",
+     "^negative_prompt is 3\\d+ tokens long .*over the 128-token limit", None),
 ])
 def test_bad_requests_answer_openai_errors(server: Server, body: Any, status: int, param: str | None, match: str,
                                            code: str | None) -> None:

@@ -7,6 +7,7 @@ without them these tests fail, saying so.
 """
 
 import numpy as np
+import pytest
 
 from varserve import Engine
 from varserve.models.checkpoint import PACKAGE_WEIGHTS, WeightsUnavailableError, resolve_weights
@@ -73,3 +74,6 @@ def test_tiny_draws_what_its_prompts_say():
     checks, summary = check_images(images, [spec for _, spec in CASES])
     report = "\n".join(f"{'OK ' if c.ok else 'BAD'} {prompt}" for c, (prompt, _) in zip(checks, CASES))
     assert sum(c.ok for c in checks) >= 4, f"prompt accuracy {summary['prompt_acc']:.2f} < 4/6:\n{report}\n{summary}"
+    with pytest.raises(ValueError, match="^negative_prompt has words this model was not trained on: zebra"):
+        engine.add_request(CASES[0][0], params[0].updated(negative_prompt="a zebra"))
+    assert engine.default_params.size == presets.IMAGE_SIZE  # its recommended size: what it was trained at

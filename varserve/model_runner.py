@@ -114,9 +114,15 @@ class ModelRunner:
 
     # ---- requests -------------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, negative_prompt: str | None) -> None:
-        """ValueError if a prompt is longer than the text encoder takes."""
-        texts = [t for t in (prompt, negative_prompt) if t is not None]
-        self.text_encoder.check_lengths(self.text_encoder.tokenizer.token_ids(texts))
+        """ValueError, its message starting with the field ('prompt ...', 'negative_prompt ...'), if the text
+        encoder cannot take a text (too long; words a closed vocabulary lacks)."""
+        for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is None:
+                continue
+            try:
+                self.text_encoder.check_lengths(self.text_encoder.tokenizer.token_ids([text]))
+            except ValueError as exc:  # the encoder names it 'prompt 0'
+                raise ValueError(f"{field}{str(exc).removeprefix('prompt 0')}") from None
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)

@@ -331,7 +331,9 @@ class ImageService:
         try:
             return images.result()
         except ValueError as exc:  # the engine refused the input (e.g. a prompt over the token limit)
-            raise APIError(400, one_line(exc)) from None
+            message = one_line(exc)
+            field = next((f for f in ("negative_prompt", "prompt") if message.startswith(f + " ")), None)
+            raise APIError(400, message, param=field) from None
         except RuntimeError as exc:  # a failed image
             raise APIError(500, one_line(exc), type="server_error") from None
 
