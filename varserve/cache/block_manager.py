@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from varserve.cache.allocator import BlockAllocator
-from varserve.cache.block_table import BlockTables, PageMoves
+from varserve.cache.block_table import BlockTables, PageMoves, pages_for
 from varserve.scheduler.request import Request
 
 
@@ -65,19 +65,20 @@ class BlockManager:
         return need <= self.allocator.num_free + sum(self.pages_held(r) for r in reqs)
 
     def plan_step(self, reqs: list[Request]) -> StepPages:
-        """Grow and cut the tables of every layer, in layer order, as the step will run them."""
+        """Grow and cut the tables of every layer, in layer order, as the step will run them. The tables are
+        as wide as the step's longest one (not the plans' longest: early steps hold a few pages per table)."""
+        num_layers, heads = reqs[0].plan.kept.shape[1:]
+        width = max(int(pages_for(r.plan.attend_len[r.scale].max(), self.page_size)) for r in reqs)
+        tables = np.zeros((num_layers, sum(r.rows for r in reqs), heads, width), dtype=np.int32)
         layers = []
-        for layer in range(reqs[0].plan.kept.shape[1]):
-            layers.append(self.begin_layer(reqs, layer))
+        for layer in range(num_layers):
+            layers.append(self.begin_layer(reqs, layer, out=tables[layer]))
             self.end_layer(reqs, layer)
-        tables = np.zeros((len(layers), *layers[0].block_table.shape[:2], max(r.tables.max_pages for r in reqs)),
-                          dtype=np.int32)
-        for layer, pages in zip(tables, layers):
-            layer[..., : pages.block_table.shape[-1]] = pages.block_table
         return StepPages(tables, np.stack([p.seqlens for p in layers]), np.stack([p.history for p in layers]))
 
-    def begin_layer(self, reqs: list[Request], layer: int) -> LayerPages:
-        """Grow every request's tables of `layer` to history + current scale, from one allocation."""
+    def begin_layer(self, reqs: list[Request], layer: int, out: np.ndarray | None = None) -> LayerPages:
+        """Grow every request's tables of `layer` to history + current scale, from one allocation. The step's
+        table of the layer is written into `out` `[rows, heads, width]` when given (as wide as its longest)."""
         moves = self._moves(reqs, layer)
         pages = self.allocator.allocate(sum(m.num_grown for m in moves))
         if pages is None:
@@ -92,7 +93,7 @@ class BlockManager:
         except ValueError:  # a table out of step with its plan (a bug): the pages not placed go back
             self.allocator.free(pages[start:])
             raise
-        return LayerPages(_pad_cat([r.tables.table(layer) for r in reqs]), np.concatenate([m.grown for m in moves]),
+        return LayerPages(_pad_cat([r.tables.table(layer) for r in reqs], out), np.concatenate([m.grown for m in moves]),
                           np.concatenate([m.before for m in moves]))
 
     def end_layer(self, reqs: list[Request], layer: int) -> None:
@@ -104,11 +105,14 @@ class BlockManager:
         return [r.plan.page_moves(self.page_size, r.rows, r.scale, layer) for r in reqs]
 
 
-def _pad_cat(tables: list[np.ndarray]) -> np.ndarray:
-    width = max(t.shape[-1] for t in tables)
-    out = np.zeros((sum(t.shape[0] for t in tables), tables[0].shape[1], width), dtype=np.int32)
-    row = 0
+def _pad_cat(tables: list[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+    """The tables stacked by row into `out` (a new array as wide as the widest if None); entries past `out`'s
+    width must be null pages."""
+    if out is None:
+        out = np.zeros((sum(t.shape[0] for t in tables), tables[0].shape[1], max(t.shape[-1] for t in tables)),
+                       dtype=np.int32)
+    row, width = 0, out.shape[-1]
     for t in tables:
-        out[row : row + t.shape[0], :, : t.shape[-1]] = t
+        out[row : row + t.shape[0], :, : min(width, t.shape[-1])] = t[..., :width]
         row += t.shape[0]
     return out
