@@ -152,7 +152,7 @@ class Engine:
                 self._outbox.append(self._fail(reqs[0], "its next step does not fit in the KV page pool"))
                 return []
             victim = max(self.scheduler.running, key=Request.sort_key)
-            logger.warning("preempting %s (recompute): pages do not fit", victim.request_id)
+            logger.warning("preempting %s (recompute once a running request ends): pages do not fit", victim.request_id)
             self._free(victim)
             self.scheduler.preempt(victim)
             reqs = self.scheduler.schedule(admit=False)

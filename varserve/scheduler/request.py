@@ -39,6 +39,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     tables: BlockTables | None = None
     num_preemptions: int = 0
+    held_back: bool = False  # preempted: not admitted again until a running request ends
     first_scheduled_time: float | None = None
     finish_time: float | None = None
     peak_pages: int = 0

@@ -60,6 +60,8 @@ class Scheduler:
         admitted_tokens = 0
         while admit and self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.held_back:  # preempted: it waits for a running request to end, or it would be preempted again
+                break
             lifetime = int(req.remaining_tokens.sum())
             if admitted_tokens and admitted_tokens + lifetime > self.config.max_num_batched_tokens:
                 break
@@ -81,16 +83,19 @@ class Scheduler:
         req.status = status
         if req in self.running:
             self.running.remove(req)
+            for waiting in self.waiting:  # pages came back: preempted requests may try again
+                waiting.held_back = False
         elif req in self.waiting:
             self.waiting.remove(req)
 
     def preempt(self, req: Request) -> None:
-        """Recompute-only preemption: the request starts again from scale 0 (same seed, same image)."""
+        """Recompute-only preemption: the request starts again from scale 0 (same seed, same image), once a
+        running request has ended."""
         self.running.remove(req)
         req.scale, req.status, req.peak_pages, req.page_samples = 0, RequestStatus.WAITING, 0, []
         req.num_preemptions += 1
-        self.waiting.append(req)
-        self.waiting.sort(key=Request.sort_key)
+        req.held_back = True
+        bisect.insort(self.waiting, req, key=Request.sort_key)
 
     def find(self, request_id: str) -> Request | None:
         return next((r for r in self.running + self.waiting if r.request_id == request_id), None)
