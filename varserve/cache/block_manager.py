@@ -93,8 +93,8 @@ class BlockManager:
         except ValueError:  # a table out of step with its plan (a bug): the pages not placed go back
             self.allocator.free(pages[start:])
             raise
-        return LayerPages(_pad_cat([r.tables.table(layer) for r in reqs], out), np.concatenate([m.grown for m in moves]),
-                          np.concatenate([m.before for m in moves]))
+        table = _pad_cat([r.tables.table(layer) for r in reqs], out)
+        return LayerPages(table, np.concatenate([m.grown for m in moves]), np.concatenate([m.before for m in moves]))
 
     def end_layer(self, reqs: list[Request], layer: int) -> None:
         """Cut every request's tables of `layer` to what its policy keeps; the pages go back at once."""

@@ -7,7 +7,8 @@ ends, pages at every layer boundary of every step and tokens of every step stay 
 admitted image therefore never runs out of pages midway. Order: priority (lower first), then arrival.
 
 Admission is also staggered: the requests admitted in one step bring at most max_num_batched_tokens tokens
-over their whole lives (the first one admitted always may, so a request whose life exceeds that still runs). Admitting everything that fits at once would put a wave of requests at the same
+over their whole lives (the first one admitted always may, so a request whose life exceeds that still runs).
+Admitting everything that fits at once would put a wave of requests at the same
 scale, so small scales would run as small, launch-bound steps; staggered, every step mixes the scales of
 requests admitted at different steps and stays near the token budget.
 """
