@@ -196,3 +196,20 @@ def test_admission_is_staggered_by_lifetime_tokens() -> None:
         req.scale += 1
     admitted.append(len(scheduler.schedule()))
     assert admitted == [3, 6]  # three per step, not a wave of every request that fits
+
+
+def test_block_manager_benchmark_plans_a_step_of_spread_requests(tmp_path) -> None:
+    """benchmarks/bench_block_manager.py on a test model: the requests it times sit at the scales it says."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_block_manager.py"
+    spec = importlib.util.spec_from_file_location("bench_block_manager", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--model", "test-small", "--size", "256x256", "--requests", "9", "--repeats", "2",
+                         "--out", str(tmp_path / "bm.json")])
+    (row,) = result["results"]
+    assert row["scales"] == [0, 0, 1, 1, 2, 3, 4, 5, 6]  # request i at scale i mod 7 (7 scales) and len(row["plan_step_ms_all"]) == 2
+    assert json.loads((tmp_path / "bm.json").read_text())["results"] == result["results"]
