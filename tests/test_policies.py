@@ -23,6 +23,7 @@ from varserve.cache.plan import KVPlan, ScoredCut, StaticCut
 from varserve.cache.policy import POLICIES, FullPolicy, make_policy
 from varserve.cache.scalekv import PRESETS, allocate, window_indices
 from varserve.cli import main
+from varserve.config import EngineConfig
 from varserve.models.config import get_config
 from varserve.models.generation import ScaleSampling, num_rows
 from varserve.models.reference import PolicyDenseKV, generate_dense
@@ -290,4 +291,10 @@ def test_unknown_policy_bad_budget_and_calibration_errors(tmp_path: Path, heat_c
     with pytest.raises(ValueError, match="too small for scalekv: 10 tokens"):
         make_policy("scalekv", 0.05).plan(TEST_SMALL, tall)
     assert set(COMPRESSED) | {"full"} == set(POLICIES)
+    for options, message in (({"kv_policy": "snapkv"}, "unknown kv_policy 'snapkv'"),
+                             ({"kv_budget": 0.5}, "the full policy keeps everything: kv_budget must be 1.0"),
+                             ({"kv_policy": "window", "kv_budget": 0.3, "kv_calibration": str(heat_calibration)},
+                              "kv_calibration is used by scalekv and heatkv only")):
+        with pytest.raises(ValueError, match=message):  # checked when the engine's config is made
+            EngineConfig(**options)
     assert isinstance(make_policy("scalekv", BUDGET).plan(TEST_SMALL, tall).cut(4, 1), ScoredCut)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from varserve.cache.policy import POLICIES
+from varserve.cache.policy import make_policy
 from varserve.params import MAX_SEED
 
 
@@ -33,15 +33,7 @@ class EngineConfig(BaseModel):
     data_parallel_size: int = Field(1, ge=1)  # engine replicas, one per GPU (varserve/parallel.py)
     cuda_graphs: bool = False  # replay small steps from CUDA graphs (varserve/graphs.py)
 
-    @field_validator("kv_policy")
-    @classmethod
-    def _known_policy(cls, name: str) -> str:
-        if name not in POLICIES:
-            raise ValueError(f"unknown kv_policy {name!r}; available: {', '.join(POLICIES)}")
-        return name
-
     @model_validator(mode="after")
-    def _full_keeps_all(self) -> "EngineConfig":
-        if self.kv_policy == "full" and self.kv_budget != 1.0:
-            raise ValueError("kv_policy 'full' keeps every token: kv_budget must be 1.0")
+    def _policy_is_valid(self) -> "EngineConfig":
+        make_policy(self.kv_policy, self.kv_budget, self.kv_calibration)  # the policy's own checks, at config time
         return self
