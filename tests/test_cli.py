@@ -95,6 +95,7 @@ def _check(result: dict, batching: str) -> None:
     # 256x256 has 7 scales of 1+4+16+36+64+144+256 = 521 tokens; CFG doubles the rows
     assert result["image_tokens"] == 3 * 521 and result["total_num_tokens"] == 2 * 3 * 521
     assert 0 < result["latency_p50_s"] <= result["latency_p95_s"]
+    assert 0 < result["run_p50_s"] <= result["run_p95_s"] <= result["latency_max_s"]
     assert 0 < result["kv_pages_per_image_mean"] <= result["kv_pages_per_image_peak"] <= result["peak_kv_pages"]
     assert result["peak_kv_bytes"] == result["peak_kv_pages"] * result["page_bytes"]
     assert result["peak_gpu_memory_bytes"] is None  # CPU

@@ -18,6 +18,7 @@ from varserve import Engine, SamplingParams
 from varserve.attention import available_backends
 from varserve.attention import paged
 from varserve.attention.paged import HYBRID_MIN_Q
+from varserve.cli import build_parser
 from varserve.graphs import TEXT_ROOM, StepGraphs
 from varserve.models import infinity
 
@@ -180,9 +181,9 @@ def test_captured_steps_draw_what_eager_steps_draw_on_cuda() -> None:
     options = dict(device="cuda", num_pages=40000, page_size=16, max_num_seqs=8)
     large = [[("a red box", 5, 2), ("a green circle", 6, 2)], [("a dog", 7, 2), ("a bush", 8, 2)]]
     passes = [JOBS, AGAIN, *large]
-    eager = Engine("test-small", **options)
+    eager = Engine("test-small", cuda_graphs=False, **options)
     want = {k: v for jobs in passes for k, v in run(eager, staggered=False, jobs=jobs).items()}
-    engine = Engine("test-small", cuda_graphs=True, **options)
+    engine = Engine("test-small", **options)  # on by default on CUDA in bf16
     images = {k: v for jobs in passes for k, v in run(engine, staggered=False, jobs=jobs).items()}
     graphs = engine.runner.graphs
     assert graphs.graphs and all(g.graph is not None for g in graphs.graphs.values()) and not graphs.refused
@@ -192,8 +193,18 @@ def test_captured_steps_draw_what_eager_steps_draw_on_cuda() -> None:
         np.testing.assert_array_equal(image, want[prompt], err_msg=prompt)
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device and bfloat16"):
         Engine("test-small", cuda_graphs=True, device="cuda", dtype="float32", num_pages=100)
+    assert Engine("test-small", device="cuda", dtype="float32", num_pages=100).runner.graphs is None
+    assert Engine("test-small", device="cuda", attention_backend="varlen_fa2", num_pages=100).runner.graphs is None
 
 
-def test_cuda_graphs_refuse_a_cpu_engine() -> None:
+def test_cuda_graphs_refuse_a_cpu_engine_and_are_off_there_by_default() -> None:
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         Engine("test-small", cuda_graphs=True, device="cpu", num_pages=100)
+    assert Engine("test-small", device="cpu", num_pages=100).runner.graphs is None
+
+
+def test_cuda_graphs_flag_of_the_cli() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["generate", "x", "--out", "o"]).cuda_graphs is None  # the engine's default
+    assert parser.parse_args(["generate", "x", "--out", "o", "--cuda-graphs"]).cuda_graphs is True
+    assert parser.parse_args(["generate", "x", "--out", "o", "--no-cuda-graphs"]).cuda_graphs is False

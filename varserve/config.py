@@ -31,7 +31,7 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED)  # seeds random weights; image seeds come from SamplingParams
     kv_calibration: str | None = None  # scalekv/heatkv: JSON written by `varserve calibrate`
     data_parallel_size: int = Field(1, ge=1)  # engine replicas, one per GPU (varserve/parallel.py)
-    cuda_graphs: bool = False  # replay small steps from CUDA graphs (varserve/graphs.py)
+    cuda_graphs: bool | None = None  # replay small steps from CUDA graphs; None: wherever they can run
 
     @model_validator(mode="after")
     def _policy_is_valid(self) -> "EngineConfig":

@@ -45,8 +45,9 @@ class Engine:
     attention_backend: the paged attention backend (`varserve.attention.available_backends`); default by device.
     seed: seeds random weights (image seeds come from SamplingParams).
     kv_calibration: for scalekv/heatkv, a JSON written by `varserve calibrate` (else the one shipped, if any).
-    cuda_graphs: replay small steps from CUDA graphs (`varserve/graphs.py`; CUDA and bf16/fp16 only; not yet run
-        on a GPU, hence off by default).
+    cuda_graphs: replay small steps from CUDA graphs (`varserve/graphs.py`). None (default): on wherever they can
+        run (CUDA, bf16/fp16, a Triton or gathered-cuDNN attention backend); True: required (ValueError where
+        they cannot run); False: off.
     Every argument is validated by `EngineConfig` (ValueError naming the field).
     """
 

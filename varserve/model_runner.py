@@ -16,7 +16,7 @@ from varserve.cache.block_manager import BlockManager, StepPages
 from varserve.cache.kv_pool import KVPool, PagedKV
 from varserve.cache.policy import KVPolicy
 from varserve.config import EngineConfig
-from varserve.graphs import StepGraphs
+from varserve.graphs import GRAPH_MAX_ROWS, GRAPH_MAX_TOKENS, STATIC_ROUTES, StepGraphs
 from varserve.models.generation import advance, sample_scale, text_rows
 from varserve.models.infinity import TextMemory, make_batch
 from varserve.models.loader import load_model
@@ -48,7 +48,7 @@ class ModelRunner:
         self.config, self.policy = config, policy
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, config.dtype) if config.dtype else _default_dtype(self.device)
-        if config.cuda_graphs and (self.device.type != "cuda" or self.dtype not in (torch.bfloat16, torch.float16)):
+        if config.cuda_graphs and not self._graphs_can_run():
             raise ValueError(f"cuda_graphs needs a CUDA device and bfloat16 or float16 (FlashAttention's varlen "
                              f"cross-attention), not {self.device} {self.dtype}")
         loaded = load_model(config.model, device=self.device, dtype=self.dtype,
@@ -63,7 +63,20 @@ class ModelRunner:
         self.pool = KVPool(self.num_pages, self.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.states: dict[str, RequestState] = {}
         self.timer: StageTimer | None = None  # set by the benchmark to split device time by stage
-        self.graphs = StepGraphs(self.model, self.pool, self.backend, capture=True) if config.cuda_graphs else None
+        self.graphs = self._step_graphs()
+
+    def _graphs_can_run(self) -> bool:
+        return self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+
+    def _step_graphs(self) -> StepGraphs | None:
+        """Captured small steps when asked for, or by default where they run (and the backend has a path a graph
+        can hold)."""
+        wanted = self.config.cuda_graphs
+        if wanted is None:
+            wanted = self._graphs_can_run() and self.backend in STATIC_ROUTES
+        logger.info("CUDA graphs: %s", f"on (steps of at most {GRAPH_MAX_ROWS} rows and {GRAPH_MAX_TOKENS} tokens)"
+                    if wanted else "off")
+        return StepGraphs(self.model, self.pool, self.backend, capture=True) if wanted else None
 
     # ---- memory sizing --------------------------------------------------------------------------------
     def _size_pool(self) -> int:
