@@ -86,18 +86,38 @@ def test_row_kernels_in_interpreter(width: int) -> None:
         assert fast.shape == slow.shape and rel_error(fast, slow) < 1e-6
 
 
-@pytest.mark.gpu
-def test_compiled_group_norm_swish_matches_float64() -> None:
+def group_norm_inputs(shape: tuple[int, ...], offset: float) -> tuple[torch.Tensor, ...]:
+    """A map whose mean is `offset` standard deviations off zero (the statistics must not cancel), and an affine."""
     g = torch.Generator(device="cpu").manual_seed(2)
-    x = torch.randn(2, 96, 40, 24, generator=g).mul(3).add(1)
-    weight, bias = torch.randn(96, generator=g), torch.randn(96, generator=g)
-    fast = fused.group_norm_swish(x.cuda().bfloat16(), weight.cuda(), bias.cuda(), 24, 1e-6, torch.bfloat16)
-    exact = fused.group_norm_swish.__wrapped__(x.double(), weight.double(), bias.double(), 24, 1e-6, torch.float64)
-    assert fast.dtype == torch.bfloat16 and rel_error(fast.cpu(), exact) < 1e-2
+    x = torch.randn(*shape, generator=g).mul(3).add(3 * offset)
+    return x, torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_swish_kernels_match_float64(layout: torch.memory_format) -> None:
+    x, weight, bias = group_norm_inputs((2, 96, 67, 41), offset=20.0)  # 2747 pixels: two statistics blocks
+    fast = fused.group_norm_swish(x.cuda().bfloat16().contiguous(memory_format=layout), weight.cuda(), bias.cuda(),
+                                  24, 1e-6, torch.bfloat16)
+    exact = fused.group_norm_swish_eager(x.bfloat16().double(), weight.double(), bias.double(), 24, 1e-6,
+                                         torch.float64)
+    assert fast.dtype == torch.bfloat16 and fast.is_contiguous(memory_format=torch.channels_last)
+    assert rel_error(fast.cpu(), exact) < 1e-2
+
+
+@pytest.mark.skipif(fused.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="checks the Triton kernels on CPU only under TRITON_INTERPRET=1 with triton installed")
+@pytest.mark.parametrize("shape, groups", [((2, 96, 9, 5), 24), ((1, 64, 50, 45), 32)])  # 2250 pixels: 2 blocks
+def test_group_norm_swish_kernels_in_interpreter(shape: tuple[int, ...], groups: int) -> None:
+    x, weight, bias = group_norm_inputs(shape, offset=20.0)
+    fast = fused._group_norm_swish_triton(x, weight, bias, groups, 1e-6, torch.float32)
+    exact = fused.group_norm_swish_eager(x.double(), weight.double(), bias.double(), groups, 1e-6, torch.float64)
+    assert fast.shape == exact.shape and rel_error(fast, exact) < 1e-6
 
 
 def test_group_norm_swish_is_the_reference_formula() -> None:
     g = torch.Generator(device="cpu").manual_seed(3)
     x, weight, bias = torch.randn(2, 64, 5, 7, generator=g), torch.randn(64, generator=g), torch.randn(64, generator=g)
     h = torch.nn.functional.group_norm(x, 32, weight, bias, 1e-6)
+    assert torch.equal(fused.group_norm_swish_eager(x, weight, bias, 32, 1e-6, torch.float32), h * torch.sigmoid(h))
     assert torch.equal(fused.group_norm_swish(x, weight, bias, 32, 1e-6, torch.float32), h * torch.sigmoid(h))

@@ -132,8 +132,6 @@ class _Norm(nn.Module):
         """swish(norm(x)) in the dtype the next conv computes in (autocast's, else x's)."""
         autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
-        if x.is_cuda:  # one layout for the compiled kernel (a no-op when the decoder's input is contiguous)
-            x = x.contiguous()
         return group_norm_swish(x, self.norm.weight, self.norm.bias, self.norm.num_groups, self.norm.eps, dtype)
 
 
@@ -247,8 +245,10 @@ class BSQVAE(nn.Module):
 
         Arithmetic runs in the decoder's output dtype, as in the reference (bf16 there, under autocast).
         """
-        # Contiguous (NCHW): one stride pattern for the compiled GroupNorm (channels_last measured slower there).
-        x = self.decoder(summed.to(self.decoder.conv_in.conv.weight.dtype, memory_format=torch.contiguous_format))
+        # Channels-last on CUDA (as `load_vae` puts the weights): cuDNN's convs and the GroupNorm kernels read it
+        # without transposes.
+        layout = torch.channels_last if summed.is_cuda else torch.contiguous_format
+        x = self.decoder(summed.to(self.decoder.conv_in.conv.weight.dtype, memory_format=layout))
         x = (x.clamp(-1, 1) + 1) / 2
         return x.mul(255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
@@ -316,4 +316,5 @@ def load_vae(config: VAEConfig | str, path: str | Path | None = None, *, seed: i
         with torch.device("meta"):
             model = BSQVAE(cfg)
         model.load_state_dict(_match_state(model, _vae_state(raw, str(path)), str(path)), assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
