@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from varserve.models import fused
-from varserve.models.infinity import rope_angles
+from varserve.models.config import PRESETS
+from varserve.models.infinity import FFN, rope_angles
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -121,3 +122,28 @@ def test_group_norm_swish_is_the_reference_formula() -> None:
     h = torch.nn.functional.group_norm(x, 32, weight, bias, 1e-6)
     assert torch.equal(fused.group_norm_swish_eager(x, weight, bias, 32, 1e-6, torch.float32), h * torch.sigmoid(h))
     assert torch.equal(fused.group_norm_swish(x, weight, bias, 32, 1e-6, torch.float32), h * torch.sigmoid(h))
+
+
+@pytest.mark.gpu
+def test_ffn_gelu_epilogue_is_the_tanh_gelu() -> None:
+    """On CUDA fc1's GELU runs as cuBLASLt's epilogue: it must be the tanh approximation Infinity uses."""
+    ffn, x = ffn_inputs()
+    exact, erf = ffn(x), ffn.fc2(torch.nn.functional.gelu(ffn.fc1(x)))
+    fast = ffn.to("cuda", torch.float32)(x.cuda().float()).cpu()
+    assert rel_error(fast, exact) < 1e-5 < rel_error(fast, erf)
+    fast = ffn.to("cuda", torch.bfloat16)(x.cuda().bfloat16()).cpu()
+    assert rel_error(fast, exact) < 2e-2
+
+
+def ffn_inputs() -> tuple[FFN, torch.Tensor]:
+    cfg = PRESETS["test-small"]
+    g = torch.Generator(device="cpu").manual_seed(5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        ffn = FFN(cfg).double()
+    return ffn, torch.randn(300, cfg.width, generator=g, dtype=torch.float64).mul(4)
+
+
+def test_tanh_and_erf_gelu_differ_enough_for_the_ffn_test() -> None:
+    ffn, x = ffn_inputs()
+    assert rel_error(ffn.fc2(torch.nn.functional.gelu(ffn.fc1(x))), ffn(x)) > 5e-5

@@ -129,8 +129,8 @@ def group_norm_swish_eager(x: Tensor, weight: Tensor, bias: Tensor, groups: int,
     return (h * torch.sigmoid(h)).to(dtype)  # the reference's swish formula; F.silu may round differently
 
 
-GN_TILE = 8192  # elements of one [pixels, channels] tile of the GroupNorm kernels
-GN_STATS_PIXELS = 2048  # pixels one statistics program reduces (two passes over them, the second from L2)
+GN_TILE = 4096  # elements of one [pixels, channels] tile of the GroupNorm kernels
+GN_STATS_PIXELS = 2048  # pixels one statistics program reduces
 
 
 def _group_norm_swish_triton(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
@@ -259,27 +259,27 @@ if triton is not None:
     @triton.jit
     def _group_stats_kernel(X, Sums, M2s, pixels, C, PIXELS: tl.constexpr, blocks, SUB: tl.constexpr,
                             BLOCK_C: tl.constexpr):
-        """Per-channel sum and squared deviation from the block's mean, over PIXELS pixels of one image."""
+        """Per-channel sum and squared deviation from the channel's mean over PIXELS pixels of one image, in one
+        pass: sums of x - (the block's first pixel), which stay accurate when the mean is far from zero."""
         n, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         chan = tl.arange(0, BLOCK_C)[None, :]
         first = b * PIXELS
-        total = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for start in range(0, PIXELS, SUB):
-            pix = first + start + tl.arange(0, SUB)[:, None]
-            mask = (pix < pixels) & (chan < C)
-            total += tl.sum(tl.load(X + (n * pixels + pix) * C + chan, mask=mask, other=0.0).to(tl.float32), 0)
-        count = tl.minimum(pixels - first, PIXELS).to(tl.float32)
-        mean = (total / count)[None, :]
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        shift = tl.load(X + (n * pixels + first) * C + chan, mask=chan < C, other=0.0).to(tl.float32)
+        s1 = tl.zeros([SUB, BLOCK_C], dtype=tl.float32)
+        s2 = tl.zeros([SUB, BLOCK_C], dtype=tl.float32)
         for start in range(0, PIXELS, SUB):
             pix = first + start + tl.arange(0, SUB)[:, None]
             mask = (pix < pixels) & (chan < C)
             x = tl.load(X + (n * pixels + pix) * C + chan, mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, x - mean, 0.0)
-            m2 += tl.sum(d * d, 0)
+            d = tl.where(mask, x - shift, 0.0)
+            s1 += d
+            s2 += d * d
+        count = tl.minimum(pixels - first, PIXELS).to(tl.float32)
+        t1, t2 = tl.sum(s1, 0), tl.sum(s2, 0)
         out = (n * blocks + b) * C + tl.arange(0, BLOCK_C)
-        tl.store(Sums + out, total, mask=tl.arange(0, BLOCK_C) < C)
-        tl.store(M2s + out, m2, mask=tl.arange(0, BLOCK_C) < C)
+        valid = tl.arange(0, BLOCK_C) < C
+        tl.store(Sums + out, t1 + count * tl.reshape(shift, [BLOCK_C]), mask=valid)
+        tl.store(M2s + out, t2 - t1 * t1 / count, mask=valid)
 
     @triton.jit
     def _scale_swish_kernel(X, Mean, Scale, Bias, Out, pixels, C, SUB: tl.constexpr, BLOCK_C: tl.constexpr):
