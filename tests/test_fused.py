@@ -106,6 +106,17 @@ def test_group_norm_swish_kernels_match_float64(layout: torch.memory_format) -> 
     assert rel_error(fast.cpu(), exact) < 1e-2
 
 
+@pytest.mark.gpu
+def test_group_norm_swish_kernels_cover_the_decoders_largest_map() -> None:
+    """1024^2 pixels of 256 channels: more pixel tiles than a grid's second axis holds."""
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(1, 256, 1024, 1024, generator=g, device="cuda").bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(2, 256, generator=g, device="cuda")
+    fast = fused.group_norm_swish(x, weight, bias, 32, 1e-6, torch.bfloat16)
+    assert rel_error(fast, fused.group_norm_swish_eager(x, weight, bias, 32, 1e-6, torch.float32)) < 1e-2
+
+
 @pytest.mark.skipif(fused.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="checks the Triton kernels on CPU only under TRITON_INTERPRET=1 with triton installed")
 @pytest.mark.parametrize("shape, groups", [((2, 96, 9, 5), 24), ((1, 64, 50, 45), 32)])  # 2250 pixels: 2 blocks

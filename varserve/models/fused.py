@@ -142,11 +142,11 @@ def _group_norm_swish_triton(x: Tensor, weight: Tensor, bias: Tensor, groups: in
     pixels = H * W
     blocks = triton.cdiv(pixels, GN_STATS_PIXELS)
     sums, m2s = (torch.empty(N, blocks, C, dtype=torch.float32, device=x.device) for _ in range(2))
-    _group_stats_kernel[(N, blocks)](nhwc, sums, m2s, pixels, C, GN_STATS_PIXELS, blocks, SUB=sub, BLOCK_C=block_c,
+    _group_stats_kernel[(blocks, N)](nhwc, sums, m2s, pixels, C, GN_STATS_PIXELS, blocks, SUB=sub, BLOCK_C=block_c,
                                      num_warps=8)
     mean, scale = _group_affine(sums, m2s, pixels, groups, weight, eps)
     out = torch.empty(N, H, W, C, dtype=dtype, device=x.device)
-    _scale_swish_kernel[(N, triton.cdiv(pixels, sub))](nhwc, mean, scale, bias.float().contiguous(), out, pixels, C,
+    _scale_swish_kernel[(triton.cdiv(pixels, sub), N)](nhwc, mean, scale, bias.float().contiguous(), out, pixels, C,
                                                        SUB=sub, BLOCK_C=block_c, num_warps=8)
     return out.permute(0, 3, 1, 2)
 
@@ -261,7 +261,7 @@ if triton is not None:
                             BLOCK_C: tl.constexpr):
         """Per-channel sum and squared deviation from the channel's mean over PIXELS pixels of one image, in one
         pass: sums of x - (the block's first pixel), which stay accurate when the mean is far from zero."""
-        n, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        b, n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # many blocks: axis 0
         chan = tl.arange(0, BLOCK_C)[None, :]
         first = b * PIXELS
         shift = tl.load(X + (n * pixels + first) * C + chan, mask=chan < C, other=0.0).to(tl.float32)
@@ -284,7 +284,7 @@ if triton is not None:
     @triton.jit
     def _scale_swish_kernel(X, Mean, Scale, Bias, Out, pixels, C, SUB: tl.constexpr, BLOCK_C: tl.constexpr):
         """h = (x - mean[n, c]) * scale[n, c] + bias[c]; h * sigmoid(h), cast to Out's dtype, over SUB pixels."""
-        n, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        b, n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # many blocks: axis 0
         chan = tl.arange(0, BLOCK_C)[None, :]
         pix = b * SUB + tl.arange(0, SUB)[:, None]
         mask = (pix < pixels) & (chan < C)
