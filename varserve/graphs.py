@@ -176,8 +176,7 @@ class StepGraphs:
 
 
 def _heads_equal(req: Request) -> bool:
-    """Whether every head of the request holds as many keys as the others at its current scale (a graph's
-    gathered-cuDNN route makes one call over all heads: per-length calls would upload head indices)."""
+    """Whether every head of the request holds as many keys as the others at its current scale (no mask)."""
     attend = req.plan.attend_len[req.scale]
     return bool((attend == attend[..., :1]).all())
 
