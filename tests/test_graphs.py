@@ -18,7 +18,7 @@ from varserve import Engine, SamplingParams
 from varserve.attention import available_backends
 from varserve.attention import paged
 from varserve.attention.paged import HYBRID_MIN_Q
-from varserve.cli import build_parser
+from varserve.cli import build_parser, main
 from varserve.graphs import TEXT_ROOM, StepGraphs
 from varserve.models import infinity
 
@@ -86,35 +86,78 @@ def test_growing_the_shared_text_buffer_drops_the_graphs_that_used_the_old_one()
     assert graphs._text_buffers(TEXT_ROOM + 1, torch.float64).ca_kv.shape[2] >= TEXT_ROOM + 1 and not graphs.graphs
 
 
-def test_steps_that_move_tokens_or_are_large_run_eagerly_and_each_backend_has_its_route() -> None:
+def test_large_steps_run_eagerly_and_each_backend_has_its_route_per_layer() -> None:
     engine = Engine("test-small", kv_policy="scalekv", kv_budget=0.3, **ENGINE)
     runner = engine.runner
+    depth = runner.model.cfg.depth
     graphs = {b: StepGraphs(runner.model, runner.pool, b, capture=False) for b in ("hybrid", "triton", "reference")}
     engine.add_request("a red fox", SamplingParams(size="512x512", seed=1))
     engine.add_request("a blue box", SamplingParams(size="256x256", seed=2))
-    eligible, routes = [], set()
+    cuts, routes = [], set()
     while engine.has_unfinished_requests():
         reqs = engine.scheduler.schedule()
-        routes.add(graphs["hybrid"].route(reqs))
-        cuts = any(r.plan.cut(r.scale, layer) is not None for r in reqs for layer in range(runner.model.cfg.depth))
-        eligible.append(graphs["hybrid"].eligible(reqs))
-        assert eligible[-1] == (not cuts) and not graphs["hybrid"].eligible(reqs * 5)  # 10 rows or more: too many
+        cuts.append(any(r.plan.cut(r.scale, layer) is not None for r in reqs for layer in range(depth)))
         small = all(r.schedule.tokens[r.scale] < HYBRID_MIN_Q for r in reqs)
         one_shape = len({(r.schedule.name, r.scale) for r in reqs}) == 1
-        assert graphs["hybrid"].route(reqs) == ("triton" if small else "sdpa_gather" if one_shape else None)
-        assert graphs["triton"].route(reqs) == "triton" and graphs["reference"].route(reqs) is None
+        route = "triton" if small else "sdpa_gather" if one_shape else None  # ScaleKV's heads hold equal counts
+        assert graphs["hybrid"].route(reqs) == (route and (route,) * depth)
+        assert graphs["hybrid"].eligible(reqs) and not graphs["hybrid"].eligible(reqs * 5)  # 10 rows: too many
+        assert graphs["triton"].route(reqs) == ("triton",) * depth and graphs["reference"].route(reqs) is None
+        routes.add(route)
         engine.step()
-    assert True in eligible and False in eligible and routes == {"triton", "sdpa_gather"}
+    assert True in cuts and False in cuts and routes == {"triton", "sdpa_gather"}
+
+
+@pytest.fixture(scope="module")
+def heat_calibration(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("calibration")
+    (folder / "prompts.txt").write_text("a red fox\na blue square on a green field\na cat\na tree\n")
+    out = folder / "heat.json"
+    assert main(["calibrate", "--model", "test-small", "--policy", "heatkv", "--prompts", str(folder / "prompts.txt"),
+                 "--size", "256x256", "--seed", "5", "--dtype", "float64", "--out", str(out), "--log-level",
+                 "WARNING"]) == 0
+    return str(out)
+
+
+@pytest.mark.parametrize("policy", ["scalekv", "heatkv"])
+def test_static_steps_with_cuts_draw_what_eager_steps_draw(policy: str, heat_calibration: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps whose layers move tokens (ScaleKV's scored cuts, HeatKV's static ones) from static buffers: the
+    second pass of each shape reuses the first pass's buffers and cut indices with other requests."""
+    options = dict(ENGINE, kv_policy=policy, kv_budget=0.2,
+                   kv_calibration=heat_calibration if policy == "heatkv" else None)
+    jobs, again = [j for j in JOBS if j[2] == 0], [j for j in AGAIN if j[2] == 0]  # 256x256: the calibrated size
+    eager = Engine("test-small", **options)
+    want = {**run(eager, staggered=False, jobs=jobs), **run(eager, staggered=False, jobs=again)}
+    engine = with_static_steps(**options)
+    graphs, depth, cut_steps = engine.runner.graphs, engine.runner.model.cfg.depth, []
+    static_run = graphs.run
+
+    def recorded(reqs, *args):
+        cut_steps.append(any(r.plan.cut(r.scale, layer) is not None for r in reqs for layer in range(depth)))
+        return static_run(reqs, *args)
+
+    monkeypatch.setattr(graphs, "run", recorded)
+    images = {**run(engine, staggered=False, jobs=jobs), **run(engine, staggered=False, jobs=again)}
+    for prompt, image in images.items():
+        np.testing.assert_array_equal(image, want[prompt], err_msg=prompt)
+    assert graphs.steps == len(cut_steps) == 2 * len(graphs.graphs) and True in cut_steps
 
 
 @pytest.mark.skipif("triton" not in available_backends("cpu") or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="feeds the Triton kernel from device copies on CPU only under TRITON_INTERPRET=1")
-def test_static_steps_on_the_graph_routes_read_nothing_from_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a capture needs, on both routes (Triton for the small scales, gathered SDPA for 512x512's 32x32): no
-    tensor read on the host inside the step, and the eager step's images."""
-    fp32 = {**ENGINE, "dtype": "float32"}  # the Triton kernel's dtypes
-    jobs = [*JOBS, ("a red box", 5, 2), ("a green circle", 6, 2)]
-    want = run(Engine("test-small", attention_backend="hybrid", **fp32), staggered=False, jobs=jobs)
+@pytest.mark.parametrize("policy", ["full", "scalekv", "heatkv"])
+def test_static_steps_on_the_graph_routes_read_nothing_from_the_host(policy: str, heat_calibration: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a capture needs, on both routes (Triton for the small scales, gathered SDPA for 512x512's 32x32) and
+    with cuts: no tensor read on the host inside a step replayed from its buffers (a shape's first step, the
+    warm-up before a capture, may upload its cuts' indices), and the eager step's images."""
+    fp32 = {**ENGINE, "dtype": "float32", "kv_policy": policy, "kv_budget": 1.0 if policy == "full" else 0.2,
+            "kv_calibration": heat_calibration if policy == "heatkv" else None}  # float32: the Triton kernel's dtypes
+    passes = ([[*JOBS, ("a red box", 5, 2), ("a green circle", 6, 2)], [*AGAIN, ("a dog", 7, 2), ("a bush", 8, 2)]]
+              if policy == "full" else POLICY_PASSES)
+    eager = Engine("test-small", attention_backend="hybrid", **fp32)
+    want = {k: v for jobs in passes for k, v in run(eager, staggered=False, jobs=jobs).items()}
     engine = with_static_steps("hybrid", **fp32)
     graphs, model = engine.runner.graphs, engine.runner.model
     forward, exempt = model.forward, []
@@ -142,10 +185,13 @@ def test_static_steps_on_the_graph_routes_read_nothing_from_the_host(monkeypatch
     # plan, which PagedKV feeds from CPU tensors
     monkeypatch.setattr(infinity, "varlen_attention", exempted(infinity.varlen_attention))
     monkeypatch.setattr(paged, "_host_plan", exempted(paged._host_plan))
+    monkeypatch.setattr(graphs, "_warm_up", exempted(graphs._warm_up))
     monkeypatch.setattr(engine.runner, "execute", lambda reqs, blocks: graphs.eligible(reqs) and
                         routes.append(graphs.route(reqs)) or execute(reqs, blocks))
-    images = run(engine, staggered=False, jobs=jobs)  # steps of more than GRAPH_MAX_ROWS rows run eagerly
-    assert graphs.steps == len(routes) and set(routes) == {"triton", "sdpa_gather"}
+    # the second pass replays the first one's shapes; steps of more than GRAPH_MAX_ROWS rows run eagerly
+    images = {k: v for jobs in passes for k, v in run(engine, staggered=False, jobs=jobs).items()}
+    assert graphs.steps == len(routes) > len(graphs.graphs)
+    assert {r for layers in routes for r in layers} == ({"triton", "sdpa_gather"} if policy == "full" else {"triton"})
     for prompt, image in images.items():
         np.testing.assert_array_equal(image, want[prompt], err_msg=prompt)
 
@@ -187,7 +233,7 @@ def test_captured_steps_draw_what_eager_steps_draw_on_cuda() -> None:
     images = {k: v for jobs in passes for k, v in run(engine, staggered=False, jobs=jobs).items()}
     graphs = engine.runner.graphs
     assert graphs.graphs and all(g.graph is not None for g in graphs.graphs.values()) and not graphs.refused
-    assert {g.kv.static_route for g in graphs.graphs.values()} == {"triton", "sdpa_gather"}
+    assert {r for g in graphs.graphs.values() for r in g.kv.static_route} == {"triton", "sdpa_gather"}
     assert graphs.steps > len(graphs.graphs)  # replays of captured shapes
     for prompt, image in images.items():
         np.testing.assert_array_equal(image, want[prompt], err_msg=prompt)
@@ -195,6 +241,26 @@ def test_captured_steps_draw_what_eager_steps_draw_on_cuda() -> None:
         Engine("test-small", cuda_graphs=True, device="cuda", dtype="float32", num_pages=100)
     assert Engine("test-small", device="cuda", dtype="float32", num_pages=100).runner.graphs is None
     assert Engine("test-small", device="cuda", attention_backend="varlen_fa2", num_pages=100).runner.graphs is None
+
+
+POLICY_PASSES = [[*JOBS[::2], *AGAIN[::2]], [("a cow", 9, 0), ("a hat", 10, 0), ("a bird", 11, 0), ("a box", 12, 0)]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["scalekv", "heatkv"])
+def test_captured_steps_with_cuts_draw_what_eager_steps_draw_on_cuda(policy: str, heat_calibration: str) -> None:
+    """Steps whose layers move tokens, captured: the second pass replays the first one's graphs."""
+    options = dict(device="cuda", num_pages=40000, page_size=16, max_num_seqs=8, kv_policy=policy, kv_budget=0.2,
+                   kv_calibration=heat_calibration if policy == "heatkv" else None)
+    eager = Engine("test-small", cuda_graphs=False, **options)
+    want = {k: v for jobs in POLICY_PASSES for k, v in run(eager, staggered=False, jobs=jobs).items()}
+    engine = Engine("test-small", **options)
+    images = {k: v for jobs in POLICY_PASSES for k, v in run(engine, staggered=False, jobs=jobs).items()}
+    graphs = engine.runner.graphs
+    assert graphs.graphs and all(g.graph is not None for g in graphs.graphs.values()) and not graphs.refused
+    assert graphs.steps == 2 * len(graphs.graphs)
+    for prompt, image in images.items():
+        np.testing.assert_array_equal(image, want[prompt], err_msg=prompt)
 
 
 def test_cuda_graphs_refuse_a_cpu_engine_and_are_off_there_by_default() -> None:

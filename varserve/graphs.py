@@ -1,9 +1,9 @@
 """CUDA graphs of small steps, for the model runner.
 
 With few requests a step is bound by the host: ~35 kernel launches per layer cost more than the kernels (at
-batch 1, ~100 ms per step whatever the scale). A step of a few rows whose layers move no tokens and whose rows
-all take one attention path that needs nothing from the host (`StepGraphs.route`: the Triton kernel, fed from
-device copies of its metadata, or, for rows of one shape, gathered cuDNN planned from host copies) is captured
+batch 1, ~100 ms per step whatever the scale). A step of a few rows whose rows take, on every layer, one
+attention path that needs nothing from the host (`StepGraphs.route`: the Triton kernel, fed from device copies
+of its metadata, or, for rows of one shape, gathered cuDNN planned from host copies) is captured
 once per shape, that is the requests' (size, scale, rows, text-length bucket) in step order, and replayed
 after. The block manager plans each step's pages on the host as always; its block tables, the inputs and the
 text are copied into the graph's static buffers before every replay. Without capture (CPU) the same static
@@ -70,23 +70,33 @@ class StepGraphs:
                            "%s)", backend, " or ".join(STATIC_ROUTES))
 
     def eligible(self, reqs: list[Request]) -> bool:
-        """Whether a step can run from static buffers: few rows and tokens, no layer moves tokens, and (when
-        captured) one attention path that needs nothing from the host."""
+        """Whether a step can run from static buffers: few rows and tokens, and (when captured) an attention path
+        on every layer that needs nothing from the host."""
         if sum(r.scale_tokens for r in reqs) > GRAPH_MAX_TOKENS or sum(r.rows for r in reqs) > GRAPH_MAX_ROWS:
-            return False
-        if any(r.plan.cut(r.scale, layer) is not None for r in reqs for layer in range(r.plan.kept.shape[1])):
             return False
         return not self.capture or self.route(reqs) is not None
 
-    def route(self, reqs: list[Request]) -> str | None:
-        """The attention backend of a captured step ('triton' or 'sdpa_gather'), None if it has none: the
-        configured backend's choice for these rows, when that needs no host read or upload inside the step."""
-        small = [r.schedule.tokens[r.scale] < HYBRID_MIN_Q for r in reqs]
-        if self.backend == "triton" or (self.backend == "hybrid" and all(small)):
-            return "triton"
-        gathered = self.backend == "sdpa_gather" or (self.backend == "hybrid" and not any(small))
-        one_shape = len({(r.schedule.name, r.scale) for r in reqs}) == 1 and _heads_equal(reqs[0])
-        return "sdpa_gather" if gathered and one_shape else None  # one group of rows: slices, nothing uploaded
+    def route(self, reqs: list[Request]) -> tuple[str, ...] | None:
+        """Per layer, the attention backend of a captured step ('triton' or 'sdpa_gather'), None if a layer has
+        none: the configured backend's choice for these rows there, when it needs no host read or upload inside
+        the step (hybrid's: gathered cuDNN for rows of >= HYBRID_MIN_Q queries and one KV length on every head,
+        the Triton kernel for the others; gathered cuDNN needs rows of one shape, one group of rows)."""
+        depth = reqs[0].plan.kept.shape[1]
+        if self.backend == "triton":
+            return ("triton",) * depth
+        one_shape = len({(r.schedule.name, r.scale) for r in reqs}) == 1
+        routes = []
+        for layer in range(depth):
+            equal = [_heads_equal(r, layer) for r in reqs]
+            if self.backend == "hybrid":
+                large = [e and r.schedule.tokens[r.scale] >= HYBRID_MIN_Q for r, e in zip(reqs, equal)]
+                route = "triton" if not any(large) else "sdpa_gather" if all(large) and one_shape else None
+            else:
+                route = "sdpa_gather" if self.backend == "sdpa_gather" and one_shape and all(equal) else None
+            if route is None:
+                return None
+            routes.append(route)
+        return tuple(routes)
 
     def run(self, reqs: list[Request], x: list[Tensor], texts: list[TextMemory], pages: StepPages) -> Tensor | None:
         """Logits of the step, to read before the next step (a graph's output buffer); None if its shape runs
@@ -97,7 +107,7 @@ class StepGraphs:
         step = self.graphs.get(key)
         if step is not None:
             self.graphs.move_to_end(key)
-            step.kv.load(pages)
+            step.kv.load(reqs, pages)
             _load_inputs(step, x, texts)
             self.steps += 1
             if step.graph is None:
@@ -175,10 +185,10 @@ class StepGraphs:
         return True
 
 
-def _heads_equal(req: Request) -> bool:
-    """Whether every head of the request holds as many keys as the others at its current scale (no mask)."""
-    attend = req.plan.attend_len[req.scale]
-    return bool((attend == attend[..., :1]).all())
+def _heads_equal(req: Request, layer: int) -> bool:
+    """Whether every head of the request's layer attends to as many keys as the others at its current scale."""
+    attend = req.plan.attend_len[req.scale, layer]
+    return bool((attend == attend[0]).all())
 
 
 def _bucket(text: TextMemory) -> int:

@@ -3,6 +3,8 @@ model calls for self-attention (implements varserve.models.infinity.SelfAttentio
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -52,13 +54,14 @@ class PagedKV:
     through their block tables, then the kept tokens of non-prefix cuts are moved to the front of their
     tables (on the device, batched over the step's rows).
 
-    `static_route` (steps run from static buffers, `varserve/graphs.py`) is the one attention backend of such a
-    step, called so that nothing is read or uploaded from the host while it runs: 'triton' from device copies of
-    its metadata, 'sdpa_gather' (rows of one shape) planning from host copies only; no cut may move tokens
-    (`StepGraphs.eligible`). `load` then swaps in another step's tables."""
+    `static_route` (steps run from static buffers, `varserve/graphs.py`) is, per layer, the attention backend of
+    such a step, called so that nothing is read or uploaded from the host while it runs: 'triton' from device
+    copies of its metadata, 'sdpa_gather' (rows of one shape) planning from host copies only. The cuts' index
+    tensors are uploaded on their first use (the warm-up run) and kept, so a capture only reuses them. `load`
+    then swaps in another step's tables."""
 
     def __init__(self, pool: KVPool, reqs: list[Request], pages: StepPages, backend: str | None,
-                 static_route: str | None = None):
+                 static_route: tuple[str, ...] | None = None):
         self.pool, self.reqs, self.pages, self.backend = pool, reqs, pages, backend
         row_lengths = [r.schedule.tokens[r.scale] for r in reqs for _ in range(r.rows)]
         self.max_seqlen = max(row_lengths)
@@ -70,16 +73,18 @@ class PagedKV:
         self.tokens = token_rows(self.cu_seqlens, sum(row_lengths), device)
         self.static_route = static_route
         self.device_meta = (upload(pages.seqlens, device, torch.int32), upload(self.cu_seqlens, device)) \
-            if static_route == "triton" else None
+            if static_route and "triton" in static_route else None
+        self._uploaded: dict[tuple, Tensor] = {}
 
-    def load(self, pages: StepPages) -> None:
-        """Take the tables of another step of the same shape, in place (the tensors a graph captured stay)."""
+    def load(self, reqs: list[Request], pages: StepPages) -> None:
+        """Take another step of the same shape (its requests and tables), in place: the tensors a graph
+        captured stay, and the cuts' index tensors are this shape's."""
         same = pages.block_tables.shape == self.pages.block_tables.shape
         if not (same and np.array_equal(pages.seqlens, self.pages.seqlens)
                 and np.array_equal(pages.history, self.pages.history)):
             raise ValueError("PagedKV.load needs a step of the same shape")
         self.block_tables.copy_(upload(pages.block_tables, self.block_tables.device), non_blocking=True)
-        self.pages = pages
+        self.reqs, self.pages = reqs, pages
 
     def wants_raw_query(self, layer: int) -> bool:
         return any(isinstance(r.plan.cut(r.scale, layer), ScoredCut) for r in self.reqs)
@@ -94,11 +99,12 @@ class PagedKV:
 
     def _attention(self, layer: int, q: Tensor, table: Tensor) -> Tensor:
         pools, longest = (self.pool.k_pages, self.pool.v_pages), int(self.pages.seqlens[layer].max())
-        if self.device_meta is not None:
+        route = self.static_route[layer] if self.static_route else self.backend
+        if route == "triton" and self.device_meta is not None:
             seqlens, cu_seqlens = self.device_meta
             return paged_attention_triton(q, *pools, table, seqlens[layer], cu_seqlens, self.max_seqlen, longest, 1.0)
         return paged_attention(q, *pools, table, torch.from_numpy(self.pages.seqlens[layer]), self.cu_seqlens,
-                               self.max_seqlen, longest, 1.0, backend=self.static_route or self.backend)
+                               self.max_seqlen, longest, 1.0, backend=route)
 
     def _compact(self, layer: int, table: Tensor, raw_q: Tensor | None) -> None:
         """Move the kept tokens of every non-prefix cut to positions [0, kept): rows that share a cut form one
@@ -111,37 +117,49 @@ class PagedKV:
                 static.setdefault(id(cut), (cut, []))[1].extend(rows)
             elif isinstance(cut, ScoredCut):
                 scored.setdefault(cut, []).extend(rows)
-        moves = [self._static_moves(cut, rows, table.device) for cut, rows in static.values()]
+        moves = [self._static_moves(cut, rows) for cut, rows in static.values()]
         moves += [self._scored_moves(cut, rows, table, raw_q) for cut, rows in scored.items()]
         if moves:
             self.pool.move(table, tuple(torch.cat(m) for m in zip(*moves)))
 
-    @staticmethod
-    def _static_moves(cut: StaticCut, rows: list[int], device: torch.device) -> Moves:
+    def _upload_once(self, key: tuple, make: Callable[[], np.ndarray]) -> Tensor:
+        """Host index data on the device, uploaded on its first use in this step (shape) and then reused."""
+        if key not in self._uploaded:
+            self._uploaded[key] = upload(make(), self.pool.k_pages.device)
+        return self._uploaded[key]
+
+    def _rows(self, rows: list[int]) -> Tensor:
+        return self._upload_once(("rows", *rows), lambda: np.asarray(rows, dtype=np.int64))
+
+    def _static_moves(self, cut: StaticCut, rows: list[int]) -> Moves:
         """The cut's runs expanded to tokens on the device, for every row of the group."""
-        heads, src, dst, length = (upload(x, device) for x in (cut.heads, cut.src, cut.dst, cut.length))
+        device = self.pool.k_pages.device
+        heads, src, dst, length = (self._upload_once((name, id(cut)), lambda: getattr(cut, name))
+                                   for name in ("heads", "src", "dst", "length"))
         run = torch.repeat_interleave(torch.arange(len(cut.length), device=device), length, output_size=cut.tokens)
         offset = torch.arange(cut.tokens, device=device) - (torch.cumsum(length, 0) - length)[run]
-        row = upload(np.asarray(rows, dtype=np.int64), device)[:, None]
-        return _flat_moves(row, heads[run][None], (src[run] + offset)[None], (dst[run] + offset)[None])
+        return _flat_moves(self._rows(rows)[:, None], heads[run][None], (src[run] + offset)[None],
+                           (dst[run] + offset)[None])
 
     def _scored_moves(self, cut: ScoredCut, rows: list[int], table: Tensor, raw_q: Tensor) -> Moves:
         """ScaleKV's selection for a group of rows, in chunks of rows that bound the gathered keys' size."""
         device, heads, d = table.device, table.shape[1], self.pool.k_pages.shape[-1]
         chunk = max(1, SCORE_CHUNK_BYTES // (heads * cut.attend_len * d * 4))
         kept = torch.cat([self._select(cut, rows[i : i + chunk], table, raw_q) for i in range(0, len(rows), chunk)])
-        row = upload(np.asarray(rows, dtype=np.int64), device)[:, None, None]
-        return _flat_moves(row, torch.arange(heads, device=device)[None, :, None], kept,
+        return _flat_moves(self._rows(rows)[:, None, None], torch.arange(heads, device=device)[None, :, None], kept,
                            torch.arange(cut.capacity, device=device))
 
     def _select(self, cut: ScoredCut, rows: list[int], table: Tensor, raw_q: Tensor) -> Tensor:
         device = table.device
-        row = upload(np.asarray(rows, dtype=np.int64), device)[:, None, None]
-        head = torch.arange(table.shape[1], device=device)[None, :, None]
+        row, head = self._rows(rows)[:, None, None], torch.arange(table.shape[1], device=device)[None, :, None]
         slots = self.pool.slots(table, row, head, torch.arange(cut.attend_len, device=device))
         keys = self.pool.k_pages.view(-1, self.pool.k_pages.shape[-1])[slots]
-        tokens = self.cu_seqlens[rows].numpy().astype(np.int64)[:, None] + np.asarray(cut.window)
-        return select_kept(keys, raw_q[upload(tokens, device)], cut)
+        tokens = self._upload_once(("window", cut, *rows), lambda: self._window_tokens(cut, rows))
+        return select_kept(keys, raw_q[tokens], cut)
+
+    def _window_tokens(self, cut: ScoredCut, rows: list[int]) -> np.ndarray:
+        """Packed-query indices [G, window] of the window tokens of the rows."""
+        return self.cu_seqlens[rows].numpy().astype(np.int64)[:, None] + np.asarray(cut.window)
 
 
 def _flat_moves(rows: Tensor, heads: Tensor, src: Tensor, dst: Tensor) -> Moves:

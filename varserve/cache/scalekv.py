@@ -30,6 +30,7 @@ the lower position.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, replace
@@ -170,16 +171,22 @@ def _centres(n: int) -> list[int]:
     return sorted({min(n - 1, i * cell + (cell - 1) // 2) for i in range(WINDOW_GRID)})
 
 
+@functools.lru_cache(maxsize=4096)
+def window_tensors(cut: ScoredCut, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The window's positions and a mask of them over the attended tokens (a mask, not index_put_: indexing with
+    a tensor syncs on CUDA), uploaded once per cut: a step captured in a CUDA graph uploads nothing."""
+    in_window = np.zeros(cut.attend_len, dtype=bool)
+    in_window[cut.window_positions] = True
+    return upload(cut.window_positions, device), upload(in_window, device)
+
+
 def select_kept(keys: Tensor, window_q: Tensor, cut: ScoredCut) -> Tensor:
     """Kept positions [G, H, capacity] (ascending) of G rows: `keys` [G, H, attend_len, d] are the rows'
     cached keys in table order, `window_q` [G, window, H, d] the raw queries of their window tokens."""
     acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
     query = window_q.to(acc).sum(1)  # the window's summed scores = the summed queries' scores
     scores = torch.einsum("ghld,ghd->ghl", keys.to(acc), query) / math.sqrt(keys.shape[-1])
-    window = upload(cut.window_positions, keys.device)
-    in_window = np.zeros(cut.attend_len, dtype=bool)
-    in_window[cut.window_positions] = True
-    in_window = upload(in_window, keys.device)  # a mask, not index_put_: indexing with a tensor syncs on CUDA
+    window, in_window = window_tensors(cut, keys.device)
     pooled = F.max_pool1d(scores.masked_fill(in_window, -math.inf), POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
     pooled = pooled.masked_fill(in_window, -math.inf)
     best = torch.sort(pooled, dim=-1, descending=True, stable=True).indices[..., : cut.capacity - len(cut.window)]
