@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -125,6 +126,26 @@ def test_group_norm_swish_kernels_in_interpreter(shape: tuple[int, ...], groups:
     fast = fused._group_norm_swish_triton(x, weight, bias, groups, 1e-6, torch.float32)
     exact = fused.group_norm_swish_eager(x.double(), weight.double(), bias.double(), groups, 1e-6, torch.float64)
     assert fast.shape == exact.shape and rel_error(fast, exact) < 1e-6
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_keeps_autograd_through_the_fused_paths() -> None:
+    """Inputs that require grad run the eager versions (the Triton kernels and the GELU epilogue have no
+    backward): the gradients on CUDA are CPU's."""
+    def grads(fn, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        fn(*tensors).square().sum().backward()
+        return [t.grad.cpu() for t in tensors]
+
+    x, weight, bias = group_norm_inputs((2, 64, 9, 7), offset=1.0)  # float32: the Triton kernels' dtype
+    norm = functools.partial(fused.group_norm_swish, groups=32, eps=1e-6, dtype=torch.float32)
+    for cuda, cpu in zip(grads(norm, x.cuda(), weight.cuda(), bias.cuda()), grads(norm, x, weight, bias)):
+        assert rel_error(cuda, cpu) < 1e-4
+    ffn, x = ffn_inputs()
+    expected = grads(ffn, x) + [p.grad.clone() for p in (ffn.fc1.weight, ffn.fc1.bias)]
+    ffn.zero_grad()
+    got = grads(ffn.cuda(), x.cuda()) + [p.grad.cpu() for p in (ffn.fc1.weight, ffn.fc1.bias)]
+    assert all(rel_error(a, b) < 1e-9 for a, b in zip(got, expected))
 
 
 def test_group_norm_swish_is_the_reference_formula() -> None:

@@ -134,7 +134,7 @@ class PagedKV:
     def _static_moves(self, cut: StaticCut, rows: list[int]) -> Moves:
         """The cut's runs expanded to tokens on the device, for every row of the group."""
         device = self.pool.k_pages.device
-        heads, src, dst, length = (self._upload_once((name, id(cut)), lambda: getattr(cut, name))
+        heads, src, dst, length = (self._upload_once((name, cut), lambda: getattr(cut, name))
                                    for name in ("heads", "src", "dst", "length"))
         run = torch.repeat_interleave(torch.arange(len(cut.length), device=device), length, output_size=cut.tokens)
         offset = torch.arange(cut.tokens, device=device) - (torch.cumsum(length, 0) - length)[run]

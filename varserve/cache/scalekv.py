@@ -171,7 +171,7 @@ def _centres(n: int) -> list[int]:
     return sorted({min(n - 1, i * cell + (cell - 1) // 2) for i in range(WINDOW_GRID)})
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=None)  # never evicted: captured graphs read these tensors (cuts are few per size)
 def window_tensors(cut: ScoredCut, device: torch.device) -> tuple[Tensor, Tensor]:
     """The window's positions and a mask of them over the attended tokens (a mask, not index_put_: indexing with
     a tensor syncs on CUDA), uploaded once per cut: a step captured in a CUDA graph uploads nothing."""

@@ -33,6 +33,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
+def needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records an op on these tensors: the Triton kernels and cuBLASLt's GELU epilogue have no
+    backward, so such calls (training) run the eager versions."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _kernels_on(x: Tensor, *tensors: object) -> bool:
+    """Whether a Triton kernel replaces the eager version: on CUDA, without autograd, unless VARSERVE_COMPILE=0."""
+    return (x.is_cuda and triton is not None and os.environ.get("VARSERVE_COMPILE", "1") != "0"
+            and not needs_grad(x, *(t for t in tensors if isinstance(t, Tensor))))
+
+
 def rows_on_cuda(fast: Callable[..., Tensor]) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Run `fast` (a Triton launch) instead of the decorated eager function for a float32 CUDA residual `x`.
     These run 6 times per layer: torch.compile's guards and wrappers cost ~0.3 ms of host time per call,
@@ -41,8 +53,7 @@ def rows_on_cuda(fast: Callable[..., Tensor]) -> Callable[[Callable[..., Tensor]
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         @functools.wraps(fn)
         def run(x: Tensor, *args, **kwargs):
-            if (x.is_cuda and triton is not None and x.dtype == torch.float32 and x.is_contiguous()
-                    and os.environ.get("VARSERVE_COMPILE", "1") != "0"):
+            if x.dtype == torch.float32 and x.is_contiguous() and _kernels_on(x, *args):
                 return fast(x, *args, **kwargs)
             return fn(x, *args, **kwargs)
 
@@ -114,10 +125,10 @@ def residual_add(x: Tensor, y: Tensor) -> Tensor:
 
 def group_norm_swish(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, dtype: torch.dtype) -> Tensor:
     """swish(GroupNorm(x)) of x [N, C, H, W] in at least fp32, cast to dtype: the VAE's norm, activation and the
-    next conv's cast. On CUDA two Triton passes over the channels-last map (statistics, then the rest); the
-    output is channels-last there. torch.compile's version ran at ~1/8 of memory bandwidth, its statistics
-    one program per (image, group)."""
-    if x.is_cuda and triton is not None and os.environ.get("VARSERVE_COMPILE", "1") != "0":
+    next conv's cast. On CUDA, for inference below float64, two Triton passes over the channels-last map
+    (statistics, then the rest; no autograd, so training runs the eager version); the output is channels-last
+    there. torch.compile's version ran at ~1/8 of memory bandwidth, its statistics one program per (image, group)."""
+    if x.dtype != torch.float64 and _kernels_on(x, weight, bias):
         return _group_norm_swish_triton(x, weight, bias, groups, eps, dtype)
     return group_norm_swish_eager(x, weight, bias, groups, eps, dtype)
 
@@ -174,7 +185,7 @@ def cosine_qkv(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Tensor, cos
     program per token does it all (torch.compile's fusion of this ran ~8x under memory bandwidth)."""
     half = qkv.shape[-1] // 2
     fits_kernel = half & (half - 1) == 0 and q_scale.dtype == torch.float32  # power-of-2 pairs, fp32 math
-    if qkv.is_cuda and triton is not None and fits_kernel and os.environ.get("VARSERVE_COMPILE", "1") != "0":
+    if fits_kernel and _kernels_on(qkv, q_bias, v_bias, q_scale):
         return _cosine_qkv_triton(qkv, q_bias, v_bias, q_scale, cos, sin, dtype)
     return cosine_qkv_eager(qkv, q_bias, v_bias, q_scale, cos, sin, dtype)
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from varserve.attention import upload, varlen_attention
 from varserve.models.config import ModelConfig
-from varserve.models.fused import cosine_qkv, gated_add, layer_norm_cast, ln_modulate, residual_add
+from varserve.models.fused import cosine_qkv, gated_add, layer_norm_cast, ln_modulate, needs_grad, residual_add
 
 MAX_LOG_SCALE = math.log(100.0)
 
@@ -178,7 +178,8 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.width)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda and x.dim() == 2:  # GELU (tanh) as cuBLASLt's epilogue of fc1: one pass less over [T, 4C]
+        # GELU (tanh) as cuBLASLt's epilogue of fc1: one pass less over [T, 4C]
+        if x.is_cuda and x.dim() == 2 and not needs_grad(x, self.fc1.weight, self.fc1.bias):
             return self.fc2(torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
