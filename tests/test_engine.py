@@ -40,7 +40,7 @@ def assert_clean(engine: Engine) -> None:
     stats = engine.cache_stats()
     assert stats["used_pages"] == 0 and stats["free_pages"] == stats["total_pages"]
     assert not engine.has_unfinished_requests()
-    assert not engine.runner.states
+    assert not engine.runner.states and not engine.runner.readbacks
 
 
 @pytest.mark.parametrize("size", [SMALL, TALL])
@@ -96,6 +96,48 @@ def test_abort_midway_frees_pages_and_leaves_others_unchanged(engine: Engine) ->
     outputs = run_to_end(engine)
     assert set(outputs) == {"keep"}
     np.testing.assert_array_equal(np.asarray(outputs["keep"].image), expected)
+    assert_clean(engine)
+
+
+def test_an_image_comes_back_from_the_step_after_its_last_scale_and_its_pages_at_once(engine: Engine) -> None:
+    """Its decode is read back while the next step runs; with nothing else to run, from the same step."""
+    first, later = SamplingParams(size=SMALL, seed=41), SamplingParams(size=SMALL, seed=42)
+    expected = dense_image(engine, "first", first)
+    scales = len(first.schedule.scales)
+    engine.add_request("first", first, request_id="first")
+    for _ in range(3):
+        assert not engine.step()
+    engine.add_request("later", later, request_id="later")
+    assert not any(engine.step() for _ in range(scales - 3))  # the last of these ran first's last scale
+    assert engine.scheduler.find("first") is None and engine.has_unfinished_requests()
+    assert engine.cache_stats()["used_pages"] == engine.block_manager.pages_held(engine.scheduler.find("later"))
+    outputs = engine.step()
+    assert [o.request_id for o in outputs] == ["first"]
+    np.testing.assert_array_equal(np.asarray(outputs[0].image), expected)
+    assert not engine.step() and [o.request_id for o in engine.step()] == ["later"]  # its last two scales
+    assert_clean(engine)
+
+
+def test_an_image_in_flight_can_be_aborted_and_a_failed_readback_fails_its_request(engine: Engine,
+                                                                                monkeypatch) -> None:
+    for name, seed in (("dropped", 43), ("lost", 44)):
+        engine.add_request(name, SamplingParams(size=SMALL, seed=seed), request_id=name)
+    for _ in range(3):
+        engine.step()
+    engine.add_request("other", SamplingParams(size=SMALL, seed=45), request_id="other")
+    while engine.scheduler.find("lost") is not None:
+        assert not engine.step()
+    assert engine.abort("dropped") and not engine.abort("dropped")
+    original = engine.runner.collect
+
+    def broken(latest: bool):
+        raise RuntimeError("copy to the host failed")
+
+    monkeypatch.setattr(engine.runner, "collect", broken)
+    outputs = engine.step()
+    monkeypatch.setattr(engine.runner, "collect", original)
+    assert [o.request_id for o in outputs] == ["lost"] and "copy to the host failed" in outputs[0].error
+    assert set(run_to_end(engine)) == {"other"}
     assert_clean(engine)
 
 
@@ -235,3 +277,37 @@ def test_seed_none_draws_and_reports_a_seed(engine: Engine) -> None:
     assert a.seed != b.seed
     again = engine.generate("same", SamplingParams(size=SMALL, seed=a.seed), use_tqdm=False)[0]
     np.testing.assert_array_equal(np.asarray(again.image), np.asarray(a.image))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["full", "scalekv"])
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_steps_never_wait_for_the_device_on_cuda(policy: str, cuda_graphs: bool) -> None:
+    """No step synchronises with the device (an implicit copy, `.item()`, a mask index...) except to read
+    images back, whose wait `collect` places after the next step is queued: eager steps, and CUDA graph
+    replays (of the shapes a first, unchecked pass captured)."""
+    import torch
+
+    engine = Engine("test-small", device="cuda", kv_policy=policy, kv_budget=0.3 if policy == "scalekv" else 1.0,
+                    cuda_graphs=cuda_graphs)
+    collect = engine.runner.collect
+
+    def allowed(latest: bool):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return collect(latest)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    engine.runner.collect = allowed
+    for checked in ([False, True] if cuda_graphs else [True]):
+        for i, size in enumerate(("512x512", TALL, SMALL)):  # 512x512's last scale takes gathered cuDNN
+            engine.add_request(f"image {i}", SamplingParams(size=size, seed=i))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if checked else 0)
+        try:
+            outputs = run_to_end(engine)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert len(outputs) == 3 and all(o.image is not None for o in outputs.values())
+    assert not cuda_graphs or engine.runner.graphs.steps > len(engine.runner.graphs.graphs)

@@ -82,6 +82,7 @@ class Engine:
         ))
         self._plans: dict[tuple[str, int], tuple[KVPlan, np.ndarray]] = {}
         self._outbox: deque[ImageOutput] = deque()
+        self._decoding: dict[str, Request] = {}  # every scale ran; the image is on its way to the host
         self._log_capacity()
 
     # ---- requests -------------------------------------------------------------------------------------
@@ -116,35 +117,40 @@ class Engine:
         return self._plans[key]
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request at any time and free everything it holds. False if it is unknown or done."""
-        req = self.scheduler.find(request_id)
+        """Stop a request at any time and free everything it holds (its image is dropped if it is being decoded).
+        False if it is unknown or done."""
+        req = self.scheduler.find(request_id) or self._decoding.pop(request_id, None)
         if req is None:
             return False
         self._release(req, RequestStatus.ABORTED)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        """Whether a request is queued or running, or has ended with its output not yet returned by `step`."""
-        return bool(self._outbox) or self.scheduler.has_work
+        """Whether a request is queued, running or being decoded, or has ended with its output not yet returned
+        by `step`."""
+        return bool(self._outbox or self._decoding) or self.scheduler.has_work
 
     # ---- stepping -------------------------------------------------------------------------------------
     def step(self) -> list[ImageOutput]:
         """Run the next scale of every running request; return the requests that ended (finished, or failed
-        with `error` set and no image) in this step or since the last call returned (e.g. while `generate`
-        ran other requests)."""
+        with `error` set and no image) since the last call returned (e.g. while `generate` ran other requests).
+        An image comes back from the step after the one that ran its last scale, whose decode and copy to the
+        host overlap that next step (the host would otherwise wait for the device, which would then idle while
+        the host plans the next step), or from the same step when no other request is queued or running."""
         reqs = self._schedule()
         outputs = list(self._outbox)
         self._outbox.clear()
-        if not reqs:
-            return outputs
-        try:
-            images = self.runner.execute(reqs, self.block_manager)
-        except Exception as exc:  # the step's device state is unusable: fail its requests, keep serving
-            logger.exception("step failed; failing its %d requests", len(reqs))
-            return outputs + [self._fail(r, f"{type(exc).__name__}: {exc}") for r in reqs]
-        for req in reqs:
-            self._after_scale(req)
-        return outputs + [self._finish(r, images[r.request_id]) for r in reqs if r.request_id in images]
+        if reqs:
+            try:
+                done = set(self.runner.execute(reqs, self.block_manager))
+            except Exception as exc:  # the step's device state is unusable: fail its requests, keep serving
+                logger.exception("step failed; failing its %d requests", len(reqs))
+                return outputs + [self._fail(r, f"{type(exc).__name__}: {exc}") for r in reqs]
+            for req in reqs:
+                self._after_scale(req)
+                if req.request_id in done:
+                    self._end_scales(req)
+        return outputs + self._collect()
 
     def _schedule(self) -> list[Request]:
         reqs = self.scheduler.schedule()
@@ -168,10 +174,26 @@ class Engine:
         req.page_samples.append(self.block_manager.pages_held(req))
         req.scale += 1
 
+    def _end_scales(self, req: Request) -> None:
+        """Its last scale ran: its pages go back to the pool now, its image follows from `_collect`."""
+        self._free(req)
+        self.scheduler.finish(req, RequestStatus.DECODING)
+        self._decoding[req.request_id] = req
+
+    def _collect(self) -> list[ImageOutput]:
+        """Outputs of the decoded images that reached the host (all of them when nothing else will run)."""
+        try:
+            images = self.runner.collect(latest=not self.scheduler.has_work)
+        except Exception as exc:  # e.g. a device error surfacing here: the images in flight are lost
+            logger.exception("reading images back failed; failing the %d requests being decoded", len(self._decoding))
+            lost, self._decoding = list(self._decoding.values()), {}
+            return [self._fail(r, f"{type(exc).__name__}: {exc}") for r in lost]
+        return [self._finish(self._decoding.pop(rid), pixels) for rid, pixels in images.items() if rid in self._decoding]
+
     def _finish(self, req: Request, pixels: np.ndarray) -> ImageOutput:
         req.finish_time = time.monotonic()
+        req.status = RequestStatus.FINISHED
         metrics = self._metrics(req)
-        self._release(req, RequestStatus.FINISHED)
         return ImageOutput(req.request_id, req.prompt, req.seed, req.schedule.name, Image.fromarray(pixels), metrics)
 
     def _fail(self, req: Request, error: str) -> ImageOutput:

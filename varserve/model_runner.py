@@ -34,6 +34,16 @@ STAGES = ("text_encoder", "transformer", "sampling", "vae_decode")  # the parts 
 
 
 @dataclass
+class Readback:
+    """Decoded images of one VAE call on their way to the host: a pinned copy, done when `event` is."""
+
+    request_ids: list[str]
+    host: Tensor  # uint8 [B, H, W, 3]
+    event: torch.cuda.Event | None  # None on CPU: copied already
+    step: int  # the runner's step that launched it
+
+
+@dataclass
 class RequestState:
     """Device state of one running request."""
 
@@ -62,6 +72,8 @@ class ModelRunner:
         self.num_pages = config.num_pages or self._size_pool()
         self.pool = KVPool(self.num_pages, self.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.states: dict[str, RequestState] = {}
+        self.readbacks: list[Readback] = []
+        self.steps = 0  # steps executed
         self.timer: StageTimer | None = None  # set by the benchmark to split device time by stage
         self.graphs = self._step_graphs()
 
@@ -156,8 +168,10 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def execute(self, reqs: list[Request], blocks: BlockManager) -> dict[str, np.ndarray]:
-        """Run the next scale of every request; return uint8 RGB images of the ones that finished."""
+    def execute(self, reqs: list[Request], blocks: BlockManager) -> list[str]:
+        """Run the next scale of every request; return the ids of those whose last scale ran. Their images are
+        decoded and copied to the host without waiting for the device: `collect` hands them over."""
+        self.steps += 1
         reqs = sorted(reqs, key=lambda r: -r.scale_tokens)  # large rows first and contiguous: attention slices
         self._lap(begin={r.scale for r in reqs})
         new = [r for r in reqs if r.request_id not in self.states]
@@ -177,8 +191,22 @@ class ModelRunner:
             if state.x is None:
                 finished.append(req)
         self._lap()
-        images = self._decode(finished)
+        self._decode(finished)
         self._lap()
+        return [r.request_id for r in finished]
+
+    def collect(self, latest: bool) -> dict[str, np.ndarray]:
+        """uint8 RGB images of the decodes launched before the last `execute` (waiting for them: by then the
+        device has that step queued, so it does not idle while the host waits) and, with `latest`, of the last
+        step's too (when nothing follows it)."""
+        ready = [r for r in self.readbacks if latest or r.step < self.steps]
+        self.readbacks = [r for r in self.readbacks if r not in ready]
+        images: dict[str, np.ndarray] = {}
+        for readback in ready:
+            if readback.event is not None:
+                readback.event.synchronize()
+            pixels = readback.host.numpy().copy()  # out of pinned memory, which the host allocator reuses
+            images.update((rid, pixels[i]) for i, rid in enumerate(readback.request_ids))
         return images
 
     def _forward(self, reqs: list[Request], states: list[RequestState], pages: StepPages) -> Tensor:
@@ -196,9 +224,8 @@ class ModelRunner:
         if self.timer is not None:
             self.timer.lap(begin)
 
-    def _decode(self, reqs: list[Request]) -> dict[str, np.ndarray]:
-        """VAE-decode finished images, batched by size."""
-        images: dict[str, np.ndarray] = {}
+    def _decode(self, reqs: list[Request]) -> None:
+        """VAE-decode finished images, batched by size, into readbacks."""
         by_size: dict[str, list[Request]] = {}
         for req in reqs:
             by_size.setdefault(req.schedule.name, []).append(req)
@@ -206,14 +233,20 @@ class ModelRunner:
             width, height = group[0].schedule.image_size
             chunk = _decode_chunk(width * height)
             for i in range(0, len(group), chunk):
-                images.update(self._decode_chunk(group[i : i + chunk]))
-        return images
+                self.readbacks.append(self._decode_chunk(group[i : i + chunk]))
 
-    def _decode_chunk(self, reqs: list[Request]) -> dict[str, np.ndarray]:
+    def _decode_chunk(self, reqs: list[Request]) -> Readback:
         summed = torch.cat([self.states[r.request_id].summed for r in reqs])
         with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-            pixels = self.vae.decode(summed).cpu().numpy()
-        return {r.request_id: pixels[i] for i, r in enumerate(reqs)}
+            pixels = self.vae.decode(summed)
+        ids = [r.request_id for r in reqs]
+        if self.device.type != "cuda":
+            return Readback(ids, pixels.cpu(), None, self.steps)
+        host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Readback(ids, host, event, self.steps)
 
 
 class StageTimer:

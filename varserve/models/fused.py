@@ -167,8 +167,8 @@ def _group_affine(sums: Tensor, m2s: Tensor, pixels: int, groups: int, weight: T
     """Per (image, channel) group mean and rstd * weight, from per-block channel sums and squared deviations
     (Chan's combination, in float64: it is small)."""
     N, blocks, C = sums.shape
-    count = torch.full((blocks,), float(GN_STATS_PIXELS), dtype=torch.float64, device=sums.device)
-    count[-1] = pixels - GN_STATS_PIXELS * (blocks - 1)
+    first = torch.arange(blocks, dtype=torch.float64, device=sums.device) * GN_STATS_PIXELS
+    count = (pixels - first).clamp(max=GN_STATS_PIXELS)  # pixels per block (no host value written: no sync)
     sums, m2s = sums.double().view(N, blocks, groups, -1), m2s.double().view(N, blocks, groups, -1)
     mean = sums.sum((1, 3)) / (pixels * sums.shape[-1])  # [N, G]
     block_mean = sums / count[:, None, None]

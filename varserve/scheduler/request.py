@@ -17,6 +17,7 @@ from varserve.models.schedule import ScaleSchedule
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    DECODING = "decoding"  # every scale ran; its image is on the way to the host
     FINISHED = "finished"
     ABORTED = "aborted"
     FAILED = "failed"
