@@ -289,7 +289,7 @@ def test_steps_never_wait_for_the_device_on_cuda(policy: str, cuda_graphs: bool)
     import torch
 
     engine = Engine("test-small", device="cuda", kv_policy=policy, kv_budget=0.3 if policy == "scalekv" else 1.0,
-                    cuda_graphs=cuda_graphs)
+                    cuda_graphs=cuda_graphs, num_pages=40000, page_size=16)
     collect = engine.runner.collect
 
     def allowed(latest: bool):

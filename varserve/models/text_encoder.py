@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoTokenizer, T5Config, T5EncoderModel
 from transformers.modeling_outputs import BaseModelOutput
 
+from varserve.attention import upload
 from varserve.models.checkpoint import (
     HF_T5_PATTERNS,
     LOCAL_FOLDER,
@@ -257,7 +258,7 @@ class TextEncoder:
         chunks = [self._encode_padded(ids[i:i + self.batch_size]) for i in range(0, len(ids), self.batch_size)]
         lengths = [len(seq) for seq in ids]
         features = torch.cat(chunks) if chunks else torch.empty(0, self.config.d_model, device=self.device)
-        counts = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        counts = upload(torch.tensor(lengths, dtype=torch.int32), self.device)  # pinned: the host does not wait
         cu_seqlens = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
         return TextBatch(features=features, lengths=lengths, cu_seqlens=cu_seqlens)
 
@@ -279,7 +280,8 @@ class TextEncoder:
         for row, seq in enumerate(ids):
             input_ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
-        hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        hidden = self.model(input_ids=upload(input_ids, self.device), attention_mask=upload(mask, self.device))
+        hidden = hidden.last_hidden_state
         return torch.cat([hidden[row, :len(seq)] for row, seq in enumerate(ids)]).float()
 
 
