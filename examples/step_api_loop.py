@@ -3,7 +3,8 @@ aborted midway, and every page goes back to the pool.
 
     python examples/step_api_loop.py
 
-`Engine.step()` runs the next scale of every running request and returns the requests that ended in it.
+`Engine.step()` runs the next scale of every running request and returns the requests that ended (an image
+finished while others run comes back from the next step: its decode overlaps that step).
 Lower priority values are admitted first; `max_num_seqs=2` makes the queue visible.
 """
 

@@ -284,22 +284,25 @@ def test_seed_none_draws_and_reports_a_seed(engine: Engine) -> None:
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_steps_never_wait_for_the_device_on_cuda(policy: str, cuda_graphs: bool) -> None:
     """No step synchronises with the device (an implicit copy, `.item()`, a mask index...) except to read
-    images back, whose wait `collect` places after the next step is queued: eager steps, and CUDA graph
-    replays (of the shapes a first, unchecked pass captured)."""
+    images back, whose wait `collect` places after the next step is queued, and in the text encoder of a step
+    that admits prompts of different lengths (transformers' T5 reads its padding mask on the host): eager steps,
+    and CUDA graph replays (of the shapes a first, unchecked pass captured)."""
     import torch
 
     engine = Engine("test-small", device="cuda", kv_policy=policy, kv_budget=0.3 if policy == "scalekv" else 1.0,
                     cuda_graphs=cuda_graphs, num_pages=40000, page_size=16)
-    collect = engine.runner.collect
 
-    def allowed(latest: bool):
-        torch.cuda.set_sync_debug_mode(0)
-        try:
-            return collect(latest)
-        finally:
-            torch.cuda.set_sync_debug_mode("error")
+    def allowed(fn):
+        def call(*args):
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return fn(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+        return call
 
-    engine.runner.collect = allowed
+    engine.runner.collect = allowed(engine.runner.collect)
+    engine.runner.text_encoder.encode = allowed(engine.runner.text_encoder.encode)
     for checked in ([False, True] if cuda_graphs else [True]):
         for i, size in enumerate(("512x512", TALL, SMALL)):  # 512x512's last scale takes gathered cuDNN
             engine.add_request(f"image {i}", SamplingParams(size=size, seed=i))

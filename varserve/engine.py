@@ -134,9 +134,9 @@ class Engine:
     def step(self) -> list[ImageOutput]:
         """Run the next scale of every running request; return the requests that ended (finished, or failed
         with `error` set and no image) since the last call returned (e.g. while `generate` ran other requests).
-        An image comes back from the step after the one that ran its last scale, whose decode and copy to the
-        host overlap that next step (the host would otherwise wait for the device, which would then idle while
-        the host plans the next step), or from the same step when no other request is queued or running."""
+        An image comes back from the step after the one that ran its last scale when other requests are running
+        (its decode and copy to the host then overlap that next step: waiting for the device would leave it idle
+        while the host plans the next step), else from the same step."""
         reqs = self._schedule()
         outputs = list(self._outbox)
         self._outbox.clear()
@@ -183,7 +183,7 @@ class Engine:
     def _collect(self) -> list[ImageOutput]:
         """Outputs of the decoded images that reached the host (all of them when nothing else will run)."""
         try:
-            images = self.runner.collect(latest=not self.scheduler.has_work)
+            images = self.runner.collect(latest=not self.scheduler.running)
         except Exception as exc:  # e.g. a device error surfacing here: the images in flight are lost
             logger.exception("reading images back failed; failing the %d requests being decoded", len(self._decoding))
             lost, self._decoding = list(self._decoding.values()), {}
