@@ -293,10 +293,10 @@ def test_steps_never_wait_for_the_device_on_cuda(policy: str, cuda_graphs: bool)
                     cuda_graphs=cuda_graphs, num_pages=40000, page_size=16)
 
     def allowed(fn):
-        def call(*args):
+        def call(*args, **kwargs):
             torch.cuda.set_sync_debug_mode(0)
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("error")
         return call
