@@ -47,18 +47,29 @@ def test_cfg_1_is_plain_sampling_from_cond() -> None:
     assert torch.equal(a, b)
     # through the per-request step: 2 rows at cfg 1 give the bits of the cond row alone
     params = ScaleSampling(cfg=1.0, tau=0.8, top_p=0.97)
-    two_rows = sample_scale(torch.cat([cond, uncond]), 2, params, make_generator(7, "cpu"))
-    one_row = sample_scale(cond, 1, params, make_generator(7, "cpu"))
-    assert torch.equal(two_rows, one_row) and torch.equal(one_row, a)
+    two_rows = sample_scale(torch.cat([cond, uncond]), 2, params, [make_generator(7, "cpu")])
+    one_row = sample_scale(cond, 1, params, [make_generator(7, "cpu")])
+    assert torch.equal(two_rows, one_row) and torch.equal(one_row[0], a)
 
 
 def test_sample_scale_applies_cfg_to_the_two_rows() -> None:
     cond, uncond = _random_logits(5), _random_logits(6)
     params = ScaleSampling(cfg=3.0, tau=0.5, top_p=0.0)
-    got = sample_scale(torch.cat([cond, uncond]), 2, params, make_generator(9, "cpu"))
+    got = sample_scale(torch.cat([cond, uncond]), 2, params, [make_generator(9, "cpu")])
     want = sample_bits(bit_probs(cond, uncond, 3.0, 0.5), 0.0, make_generator(9, "cpu"))
-    assert torch.equal(got, want)
-    assert got.shape == (64, 16) and got.dtype == torch.uint8
+    assert torch.equal(got[0], want)
+    assert got.shape == (1, 64, 16) and got.dtype == torch.uint8
+
+
+def test_requests_sampled_together_draw_what_each_draws_alone() -> None:
+    """The engine samples a run of requests at one scale in one call: request i's bits come from its rows and
+    its own generator only."""
+    params = ScaleSampling(cfg=3.0, tau=0.9, top_p=0.97)
+    rows = [torch.cat([_random_logits(10 + i), _random_logits(20 + i)]) for i in range(3)]
+    together = sample_scale(torch.cat(rows), 2, params, [make_generator(30 + i, "cpu") for i in range(3)])
+    for i, logits in enumerate(rows):
+        assert torch.equal(together[i], sample_scale(logits, 2, params, [make_generator(30 + i, "cpu")])[0])
+    assert not torch.equal(together[0], together[1])
 
 
 def test_top_p_forces_the_majority_bit() -> None:

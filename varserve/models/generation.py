@@ -1,9 +1,12 @@
-"""Per-request steps of next-scale generation shared by the dense reference path and the engine:
-CFG rows of the text, sampling one scale, and turning sampled bits into the next scale's input."""
+"""Steps of next-scale generation shared by the dense reference path and the engine: CFG rows of the text,
+sampling one scale and turning the sampled bits into the next scale's input, for one request or for several at
+the same scale of the same size at once (each with its own generator: a request's image does not depend on
+what it is batched with)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -51,22 +54,24 @@ def _one(batch: TextBatch, index: int) -> Tensor:
     return batch.features[start : start + batch.lengths[index]]
 
 
-def sample_scale(logits: Tensor, rows: int, params: ScaleSampling, generator: torch.Generator) -> Tensor:
-    """logits [rows*n, 2d] of one request at one scale -> bits [n, d]."""
-    n = logits.shape[0] // rows
-    uncond = logits[n:] if rows == 2 else None
+def sample_scale(logits: Tensor, rows: int, params: ScaleSampling, generators: Sequence[torch.Generator]) -> Tensor:
+    """logits [k*rows*n, 2d] of k requests at one scale (same size, rows and params; each request's rows
+    together, cond first), one generator each -> bits [k, n, d]."""
+    per_request = logits.view(len(generators), rows, -1, logits.shape[-1])
+    uncond = per_request[:, 1] if rows == 2 else None
     cfg = params.cfg if rows == 2 else 1.0
-    return sample_bits(bit_probs(logits[:n], uncond, cfg, params.tau), params.top_p, generator)
+    return sample_bits(bit_probs(per_request[:, 0], uncond, cfg, params.tau), params.top_p, generators)
 
 
 def advance(
     model: Infinity, vae: BSQVAE, summed: Tensor | None, bits: Tensor, schedule: ScaleSchedule, scale: int, rows: int,
 ) -> tuple[Tensor, Tensor | None]:
-    """Add one scale's bits to the accumulated codes; return (summed, next input [rows*n', C] or None)."""
+    """Add one scale's bits [k, n, d] of k requests (same size) to their accumulated codes [k, ...]; return
+    (summed, next inputs [k, rows*n', C] or None after the last scale)."""
     last = scale == schedule.num_scales - 1
-    codes = vae.bits_to_codes(bits[None], schedule.scales[scale])
+    codes = vae.bits_to_codes(bits, schedule.scales[scale])
     summed = vae.accumulate(summed, codes, schedule.scales[-1], last)
     if last:
         return summed, None
-    tokens = vae.next_input(summed, schedule.scales[scale + 1])[0]
-    return summed, model.embed_tokens(tokens).repeat(rows, 1)
+    tokens = vae.next_input(summed, schedule.scales[scale + 1])
+    return summed, model.embed_tokens(tokens).repeat(1, rows, 1)  # a request's rows share its input

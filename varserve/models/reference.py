@@ -149,9 +149,10 @@ def sample_dense(
     for scale, hw in enumerate(schedule.scales):
         kv.begin([hw[0] * hw[1]] * rows)
         batch = make_batch(model, text, [(scale, hw, schedule.rope_grid)] * rows)
-        bits = sample_scale(model(x, batch, kv), rows, params, generator)
-        all_bits.append(bits)
+        bits = sample_scale(model(x, batch, kv), rows, params, [generator])
+        all_bits.append(bits[0])
         summed, x = advance(model, vae, summed, bits, schedule, scale, rows)
+        x = None if x is None else x[0]
     return summed, all_bits
 
 
