@@ -127,6 +127,8 @@ def test_an_image_in_flight_can_be_aborted_and_a_failed_readback_fails_its_reque
     engine.add_request("other", SamplingParams(size=SMALL, seed=45), request_id="other")
     while engine.scheduler.find("lost") is not None:
         assert not engine.step()
+    with pytest.raises(ValueError, match="already in use"):  # its image is still to come
+        engine.add_request("again", SamplingParams(size=SMALL), request_id="lost")
     assert engine.abort("dropped") and not engine.abort("dropped")
     original = engine.runner.collect
 
@@ -138,6 +140,17 @@ def test_an_image_in_flight_can_be_aborted_and_a_failed_readback_fails_its_reque
     monkeypatch.setattr(engine.runner, "collect", original)
     assert [o.request_id for o in outputs] == ["lost"] and "copy to the host failed" in outputs[0].error
     assert set(run_to_end(engine)) == {"other"}
+    assert_clean(engine)
+
+
+def test_aborting_the_last_requests_drops_their_images_in_flight(engine: Engine) -> None:
+    engine.add_request("ends first", SamplingParams(size=SMALL, seed=46), request_id="first")
+    engine.step()
+    engine.add_request("ends later", SamplingParams(size=TALL, seed=47), request_id="later")
+    while engine.scheduler.find("first") is not None:
+        assert not engine.step()
+    assert engine.runner.readbacks and engine.cache_stats()["decoding"] == 1
+    assert engine.abort("later") and engine.abort("first")
     assert_clean(engine)
 
 

@@ -139,6 +139,21 @@ def test_write_kv_reads_back_through_the_tables() -> None:
             torch.testing.assert_close(pages.view(-1, 8)[slots], dense[row, t, h], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_write_kv_takes_new_rows_in_any_layout(dtype: torch.dtype) -> None:
+    """Strided and offset views of K/V land as contiguous ones do (rows are copied as int64 words only where both
+    sides are contiguous and 8-byte aligned)."""
+    gen = torch.Generator().manual_seed(4)
+    k_pages, v_pages = (torch.zeros(20, 4, 8, dtype=dtype) for _ in range(2))
+    slots = torch.randperm(80, generator=gen)[:12].reshape(6, 2)  # 6 tokens x 2 heads
+    wide = torch.randn(6, 2, 12, generator=gen).to(dtype)
+    offset = torch.randn(1 + 6 * 2 * 8, generator=gen).to(dtype)[1:].view(6, 2, 8)  # contiguous, misaligned
+    for k in (wide[..., :8], wide[..., 1:9], offset, wide[..., 2:10].contiguous()):
+        write_kv(k_pages, v_pages, k, 2 * k, slots)
+        assert torch.equal(k_pages.view(-1, 8)[slots.reshape(-1)], k.reshape(-1, 8))
+        assert torch.equal(v_pages.view(-1, 8)[slots.reshape(-1)], 2 * k.reshape(-1, 8))
+
+
 def test_slot_mapping_matches_block_tables() -> None:
     pool = Pool(500, 4, heads=3, dim=8, dtype=torch.float64)
     requests = [pool.add(5, [[9, 12, 20], [5, 7, 6]]), pool.add(3, [[4, 8, 3], [6, 3, 5]])]

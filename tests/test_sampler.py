@@ -119,3 +119,8 @@ def test_sampling_statistics(dtype: torch.dtype) -> None:
     bits = sample_bits(p1, 0.97, make_generator(11, "cpu"))
     # std of the mean: sqrt(0.21 / n) ~ 0.001
     assert abs(bits.double().mean().item() - 0.3) < 0.005
+
+
+def test_requests_sampled_together_need_a_generator_each() -> None:
+    with pytest.raises(ValueError, match="2 generators for 3 requests"):
+        sample_bits(torch.rand(3, 4, 2), 0.0, [make_generator(1, "cpu"), make_generator(2, "cpu")])

@@ -165,7 +165,8 @@ def _on_replicas(engine: Engine, fn) -> dict[int, object]:
 
 def _drive(engine: Engine, jobs: list[_Job], wave: int, use_tqdm: bool) -> tuple[list[ImageOutput], dict]:
     """Submit `jobs` in waves of `wave` (a wave only when the engine is idle) and step until all are done.
-    In flight during a step = requests still running after it + requests that ended in it."""
+    In flight during a step = the requests it ran: those still running or decoding after it, or, when none runs
+    on (then every image comes back at once), the images it returned."""
     pending, done = list(jobs), {}
     ids: dict[str, int] = {}
     served_by: dict[int, int] = {}  # job index -> replica index
@@ -180,7 +181,8 @@ def _drive(engine: Engine, jobs: list[_Job], wave: int, use_tqdm: bool) -> tuple
             pending = pending[wave:]
         outs = [o for o in engine.step() if o.request_id in ids]
         steps += 1
-        max_in_flight = max(max_in_flight, engine.cache_stats()["running"] + len(outs))
+        stats = engine.cache_stats()
+        max_in_flight = max(max_in_flight, stats["running"] + stats["decoding"] or len(outs))
         for out in outs:
             done[ids[out.request_id]] = out
         bar.update(len(outs))

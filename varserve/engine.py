@@ -91,7 +91,7 @@ class Engine:
     ) -> str:
         """Queue one image; returns its request id. ValueError for input that can never run."""
         params, request_id = checked_request(prompt, params, request_id, priority, self.default_params)
-        if self.scheduler.find(request_id) is not None:
+        if self.scheduler.find(request_id) is not None or request_id in self._decoding:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.runner.check_prompt(prompt, params.negative_prompt)
         req = self._make_request(request_id, prompt, params, priority)
@@ -184,11 +184,12 @@ class Engine:
         """Outputs of the decoded images that reached the host (all of them when nothing else will run)."""
         try:
             images = self.runner.collect(latest=not self.scheduler.running)
-        except Exception as exc:  # e.g. a device error surfacing here: the images in flight are lost
+        except Exception as exc:  # a device error surfacing here (sticky on CUDA): the images in flight are lost
             logger.exception("reading images back failed; failing the %d requests being decoded", len(self._decoding))
             lost, self._decoding = list(self._decoding.values()), {}
             return [self._fail(r, f"{type(exc).__name__}: {exc}") for r in lost]
-        return [self._finish(self._decoding.pop(rid), pixels) for rid, pixels in images.items() if rid in self._decoding]
+        ready = [rid for rid in images if rid in self._decoding]
+        return [self._finish(self._decoding.pop(rid), images[rid]) for rid in ready]
 
     def _finish(self, req: Request, pixels: np.ndarray) -> ImageOutput:
         req.finish_time = time.monotonic()
@@ -204,7 +205,9 @@ class Engine:
                            finish_reason="failed", error=error)
 
     def _release(self, req: Request, status: RequestStatus) -> None:
+        """End a request without an image (aborted, failed): its pages, device state and image in flight go."""
         self._free(req)
+        self.runner.discard(req.request_id)
         self.scheduler.finish(req, status)
 
     def _free(self, req: Request) -> None:
@@ -277,7 +280,7 @@ class Engine:
             "total_pages": a.num_total - 1, "free_pages": a.num_free, "used_pages": a.num_used,
             "peak_used_pages": a.peak_used, "page_bytes": self.runner.page_bytes, "page_size": self.runner.page_size,
             "kv_pool_bytes": (a.num_total - 1) * self.runner.page_bytes, "kv_policy": self.policy.name,
-            "kv_budget": self.config.kv_budget, "running": len(self.scheduler.running),
+            "kv_budget": self.config.kv_budget, "running": len(self.scheduler.running), "decoding": len(self._decoding),
             "waiting": len(self.scheduler.waiting),
         }
 

@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,11 +35,11 @@ DECODE_PIXELS = 2 * 1024 * 1024  # pixels per VAE decode call: bounds the decode
 STAGES = ("text_encoder", "transformer", "sampling", "vae_decode")  # the parts of a step, in order
 
 
-@dataclass
+@dataclass(eq=False)
 class Readback:
     """Decoded images of one VAE call on their way to the host: a pinned copy, done when `event` is."""
 
-    request_ids: list[str]
+    request_ids: list[str | None]  # None: discarded (aborted, failed)
     host: Tensor  # uint8 [B, H, W, 3]
     event: torch.cuda.Event | None  # None on CPU: copied already
     step: int  # the runner's step that launched it
@@ -173,7 +174,8 @@ class ModelRunner:
         """Run the next scale of every request; return the ids of those whose last scale ran. Their images are
         decoded and copied to the host without waiting for the device: `collect` hands them over."""
         self.steps += 1
-        reqs = sorted(reqs, key=lambda r: -r.scale_tokens)  # large rows first and contiguous: attention slices
+        # large rows first and contiguous (attention slices them), requests of one shape together (sampling runs)
+        reqs = sorted(reqs, key=lambda r: (-r.scale_tokens, r.schedule.name, r.scale))
         self._lap(begin={r.scale for r in reqs})
         new = [r for r in reqs if r.request_id not in self.states]
         texts = self._encode(new) if new else None
@@ -213,15 +215,20 @@ class ModelRunner:
         """uint8 RGB images of the decodes launched before the last `execute` (waiting for them: by then the
         device has that step queued, so it does not idle while the host waits) and, with `latest`, of the last
         step's too (when nothing follows it)."""
-        ready = [r for r in self.readbacks if latest or r.step < self.steps]
-        self.readbacks = [r for r in self.readbacks if r not in ready]
+        ready, self.readbacks = _split(self.readbacks, lambda r: latest or r.step < self.steps)
         images: dict[str, np.ndarray] = {}
         for readback in ready:
             if readback.event is not None:
                 readback.event.synchronize()
             pixels = readback.host.numpy().copy()  # out of pinned memory, which the host allocator reuses
-            images.update((rid, pixels[i]) for i, rid in enumerate(readback.request_ids))
+            images.update((rid, pixels[i]) for i, rid in enumerate(readback.request_ids) if rid is not None)
         return images
+
+    def discard(self, request_id: str) -> None:
+        """Forget a request's image in flight, if any (its pinned copy goes once no request of it is left)."""
+        for readback in self.readbacks:
+            readback.request_ids = [None if rid == request_id else rid for rid in readback.request_ids]
+        self.readbacks = [r for r in self.readbacks if any(rid is not None for rid in r.request_ids)]
 
     def _forward(self, reqs: list[Request], states: list[RequestState], pages: StepPages) -> Tensor:
         """The transformer over the step's tokens: replayed from a CUDA graph when the step is small enough."""
@@ -259,7 +266,7 @@ class ModelRunner:
         host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
         host.copy_(pixels, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return Readback(ids, host, event, self.steps)
 
 
@@ -322,6 +329,11 @@ class _ProfileKV:
 
 def _decode_chunk(pixels_per_image: int) -> int:
     return max(1, DECODE_PIXELS // pixels_per_image)
+
+
+def _split(items: list, keep: Callable[[object], bool]) -> tuple[list, list]:
+    """(the items `keep` accepts, the others), each in order."""
+    return [x for x in items if keep(x)], [x for x in items if not keep(x)]
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:

@@ -65,8 +65,8 @@ POLL_MIN_S, POLL_MAX_S = 1e-4, 2e-3  # the front end polls doorbells at these in
 START_POLL_S = 0.05  # and replicas' start-up at this one
 IDLE_WAIT_S = 3600.0  # an idle replica checks that its front end's process lives at least this often
 STORE_PREFIX = "varserve"
-_SUMMED = ("total_pages", "free_pages", "used_pages", "peak_used_pages", "kv_pool_bytes", "running", "waiting",
-           "queued_pages")
+_SUMMED = ("total_pages", "free_pages", "used_pages", "peak_used_pages", "kv_pool_bytes", "running", "decoding",
+           "waiting", "queued_pages")
 
 
 class DataParallelEngine(Engine):

@@ -217,6 +217,8 @@ class Metrics:
             *_metric("varserve_kv_pages_total", "gauge", "KV cache pages in the pool.", [("", cache["total_pages"])]),
             *_metric("varserve_num_requests_waiting", "gauge", "Images waiting to start.", [("", cache["waiting"])]),
             *_metric("varserve_num_requests_running", "gauge", "Images running.", [("", cache["running"])]),
+            *_metric("varserve_num_requests_decoding", "gauge", "Images decoded and on their way to the host.",
+                     [("", cache["decoding"])]),
             *_metric("varserve_request_latency_seconds", "histogram",
                      "Latency of successful image generation requests.",
                      [(f"_bucket{labels}", c) for labels, c in latency]

@@ -10,6 +10,7 @@ from varserve.attention.paged import (
     slot_mapping,
     token_rows,
     upload,
+    wide_rows,
     write_kv,
 )
 from varserve.attention.varlen import varlen_attention
@@ -25,5 +26,6 @@ __all__ = [
     "token_rows",
     "upload",
     "varlen_attention",
+    "wide_rows",
     "write_kv",
 ]

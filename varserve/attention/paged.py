@@ -93,15 +93,18 @@ def write_kv(k_pages: Tensor, v_pages: Tensor, k: Tensor, v: Tensor, slot_mappin
     """Store `k, v [T, H, d]` at `slot_mapping [T, H]` (int64 flat slots): one index_copy_ per pool."""
     slots = upload(slot_mapping, k_pages.device, torch.int64).reshape(-1)
     for pages, x in ((k_pages, k), (v_pages, v)):
-        wide_rows(_flat(pages)).index_copy_(0, slots, wide_rows(x.reshape(-1, x.shape[-1]).to(pages.dtype)))
+        rows, new = wide_rows(_flat(pages), x.reshape(-1, x.shape[-1]).to(pages.dtype))
+        rows.index_copy_(0, slots, new)
 
 
-def wide_rows(rows: Tensor) -> Tensor:
-    """The same bytes of `rows [N, d]` as int64 where a row's bytes allow: PyTorch's index_copy_ copies one
-    element per thread step, so 2-byte elements ran at ~1/3 of the H100's bandwidth."""
-    if rows.shape[-1] * rows.element_size() % 8 or not rows.is_contiguous():
-        return rows
-    return rows.view(torch.int64)
+def wide_rows(*rows: Tensor) -> tuple[Tensor, ...]:
+    """The same bytes of row tensors `[N, d]` (one dtype) as int64 where every one's rows allow it, else as they
+    are: PyTorch's index_copy_ copies one element per thread step, so 2-byte elements ran at ~1/3 of the H100's
+    bandwidth."""
+    def fits(x: Tensor) -> bool:
+        return x.is_contiguous() and (x.shape[-1] * x.element_size()) % 8 == 0 and (
+            x.storage_offset() * x.element_size()) % 8 == 0
+    return tuple(x.view(torch.int64) for x in rows) if all(map(fits, rows)) else rows
 
 
 def token_rows(cu_seqlens_q: Tensor, total_q: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from varserve.attention import paged_attention, paged_attention_triton, slot_mapping, token_rows, upload, write_kv
-from varserve.attention.paged import wide_rows
+from varserve.attention import (paged_attention, paged_attention_triton, slot_mapping, token_rows, upload, wide_rows,
+                                write_kv)
 from varserve.cache.block_manager import StepPages
 from varserve.cache.plan import ScoredCut, StaticCut
 from varserve.cache.scalekv import select_kept
@@ -44,7 +44,7 @@ class KVPool:
         rows, heads, src, dst = moves
         src_slots, dst_slots = self.slots(table, rows, heads, src), self.slots(table, rows, heads, dst)
         for pages in (self.k_pages, self.v_pages):
-            flat = wide_rows(pages.view(-1, pages.shape[-1]))
+            (flat,) = wide_rows(pages.view(-1, pages.shape[-1]))
             flat.index_copy_(0, dst_slots, flat[src_slots])  # advanced indexing: PyTorch's vectorised gather
 
 

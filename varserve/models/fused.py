@@ -53,7 +53,7 @@ def rows_on_cuda(fast: Callable[..., Tensor]) -> Callable[[Callable[..., Tensor]
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         @functools.wraps(fn)
         def run(x: Tensor, *args, **kwargs):
-            if x.dtype == torch.float32 and x.is_contiguous() and _kernels_on(x, *args):
+            if x.dtype == torch.float32 and x.is_contiguous() and _kernels_on(x, *args, *kwargs.values()):
                 return fast(x, *args, **kwargs)
             return fn(x, *args, **kwargs)
 

@@ -1,7 +1,7 @@
 """Steps of next-scale generation shared by the dense reference path and the engine: CFG rows of the text,
 sampling one scale and turning the sampled bits into the next scale's input, for one request or for several at
-the same scale of the same size at once (each with its own generator: a request's image does not depend on
-what it is batched with)."""
+the same scale of the same size at once (each with its own generator: a request's random draws do not depend
+on what it is batched with)."""
 
 from __future__ import annotations
 

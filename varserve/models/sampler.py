@@ -27,6 +27,8 @@ def sample_bits(p1: Tensor, top_p: float, generator: torch.Generator | Sequence[
     if isinstance(generator, torch.Generator):
         u = torch.rand(p1.shape, generator=generator, device=p1.device, dtype=p1.dtype)
     else:
+        if len(generator) != p1.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {p1.shape[0]} requests")
         u = torch.empty_like(p1)
         for i, g in enumerate(generator):
             torch.rand(p1.shape[1:], generator=g, device=p1.device, dtype=p1.dtype, out=u[i])
