@@ -3,13 +3,15 @@ inside a step, priorities, limits, and preemption as a counted fallback."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
 from varserve import Engine, SamplingParams
 from varserve.cache.allocator import BlockAllocator
 from varserve.cache.block_manager import BlockManager, OutOfPagesError
-from varserve.cache.policy import FullPolicy
+from varserve.cache.policy import FullPolicy, make_policy
 from varserve.models.config import get_config
 from varserve.models.generation import ScaleSampling
 from varserve.models.schedule import parse_size
@@ -95,6 +97,72 @@ def test_a_planned_step_reuses_pages_layer_by_layer_and_fails_before_running_whe
         took = [set(pages.block_tables[layer, :2].ravel().tolist()) - {0} for layer in range(CFG.depth)]
         assert any(took[layer + 1] & held[layer] for layer in range(CFG.depth - 1))  # B reuses what A freed
         assert allocator.peak_used <= need and allocator.num_used == blocks.pages_held(a) + blocks.pages_held(b)
+
+
+@pytest.mark.parametrize("policy", ["full", "window", "scalekv"])
+def test_a_planned_step_does_what_growing_and_cutting_layer_by_layer_does(policy: str) -> None:
+    """plan_step (all layers, requests of one scale together) against begin_layer/end_layer one layer at a time:
+    the same step tables, lengths, request tables, peaks and allocator state, for requests of mixed scales
+    and row counts; requests of one scale sit together, as the model runner orders them."""
+    schedule = parse_size("256x256")
+    plan = make_policy(policy, 1.0 if policy == "full" else 0.3).plan(CFG, schedule)
+    rng = np.random.default_rng(3)
+    scales = sorted(rng.integers(0, schedule.num_scales, size=9).tolist())
+    made = [Request(f"r{i}", "p", None, schedule, ScaleSampling(4.0, 1.0, 0.97), 0, int(rng.integers(1, 3)), plan,
+                    plan.held_pages(PAGE, 2)) for i in range(len(scales))]
+    managers = []
+    for _ in range(2):
+        blocks = BlockManager(BlockAllocator(200_000), PAGE)
+        reqs = copy.deepcopy(made)
+        for req, scale in zip(reqs, scales):
+            blocks.start(req)
+            _fill_history(blocks, req, scale)
+        managers.append((blocks, reqs))
+    (fast, fast_reqs), (slow, slow_reqs) = managers
+    planned = fast.plan_step(fast_reqs)
+    for layer in range(CFG.depth):
+        grown = slow.begin_layer(slow_reqs, layer)
+        width = planned.block_tables.shape[-1]
+        np.testing.assert_array_equal(planned.block_tables[layer], grown.block_table[..., :width])
+        assert not grown.block_table[..., width:].any()
+        np.testing.assert_array_equal(planned.seqlens[layer], grown.seqlens)
+        np.testing.assert_array_equal(planned.history[layer], grown.history)
+        slow.end_layer(slow_reqs, layer)
+    for a, b in zip(fast_reqs, slow_reqs):
+        assert (a.peak_pages, a.tables.num_pages()) == (b.peak_pages, b.tables.num_pages())
+        for layer in range(CFG.depth):
+            np.testing.assert_array_equal(a.tables.table(layer), b.tables.table(layer))
+            np.testing.assert_array_equal(a.tables.lengths(layer), b.tables.lengths(layer))
+    assert (fast.allocator.num_used, fast.allocator.peak_used) == (slow.allocator.num_used, slow.allocator.peak_used)
+    np.testing.assert_array_equal(fast.allocator.refcounts, slow.allocator.refcounts)
+
+
+def test_a_step_stopped_by_shared_pages_leaves_consistent_tables_and_leaks_nothing() -> None:
+    """A cut frees only pages no one else holds: with A's pages shared, the step runs short part-way. The tables
+    then stand at the layers that ran, and releasing everything returns every page."""
+    a, b = make_request("a"), make_request("b")
+    last = a.schedule.num_scales - 1
+    need = int((a.held[last] + b.held[4]).max())
+    allocator = BlockAllocator(need + 1)
+    blocks = BlockManager(allocator, PAGE)
+    for req, scale in ((a, last), (b, 4)):
+        blocks.start(req)
+        _fill_history(blocks, req, scale)
+    shared = np.concatenate([a.tables.table(layer).ravel() for layer in range(CFG.depth)])
+    shared = shared[shared != 0]
+    allocator.fork(shared)
+    with pytest.raises(OutOfPagesError):
+        blocks.plan_step([b, a])
+    held = blocks.pages_held(a) + blocks.pages_held(b)
+    assert allocator.num_used == held + len(set(shared.tolist()) - _all_pages(a))
+    blocks.release(a)
+    blocks.release(b)
+    allocator.free(shared)
+    assert allocator.num_used == 0
+
+
+def _all_pages(req: Request) -> set[int]:
+    return set().union(*(_pages_of(req, layer) for layer in range(CFG.depth)))
 
 
 def _pages_of(req: Request, layer: int) -> set[int]:

@@ -19,6 +19,7 @@ class BlockAllocator:
         if num_pages < 2:
             raise ValueError(f"a pool needs the null page and at least one more, got {num_pages} pages")
         self._refcount = np.zeros(num_pages, dtype=np.int32)
+        self._last_seen = np.zeros(num_pages, dtype=np.int32)  # scratch of `free`'s duplicate check
         # Top of the stack is the end: page 1 is handed out first.
         self._stack = np.arange(num_pages - 1, 0, -1, dtype=np.int32)
         self._top = num_pages - 1
@@ -73,6 +74,8 @@ class BlockAllocator:
 
     def free(self, pages: np.ndarray) -> None:
         """Drop one reference per listed page; pages whose count reaches 0 go back to the free stack."""
+        if self._free_distinct_single(np.asarray(pages).ravel()):
+            return
         uniq, counts = self._held(pages)
         remaining = self._refcount[uniq] - counts
         if (remaining < 0).any():
@@ -81,6 +84,22 @@ class BlockAllocator:
         released = uniq[remaining == 0]
         self._stack[self._top : self._top + len(released)] = released
         self._top += len(released)
+
+    def _free_distinct_single(self, pages: np.ndarray) -> bool:
+        """The common case without sorting: distinct pages held once each (a cut's pages) are freed, True;
+        anything else is left to the general path, False."""
+        if not len(pages) or pages.min() <= NULL_PAGE or pages.max() >= self.num_total:
+            return False
+        if (self._refcount[pages] != 1).any():
+            return False
+        order = np.arange(len(pages), dtype=np.int32)
+        self._last_seen[pages] = order  # a page listed twice keeps only its last position
+        if (self._last_seen[pages] != order).any():
+            return False
+        self._refcount[pages] = 0
+        self._stack[self._top : self._top + len(pages)] = pages
+        self._top += len(pages)
+        return True
 
     def _held(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distinct pages and how often each is listed; raises unless every one is a held, real page."""

@@ -11,11 +11,12 @@ so a page is rewritten by a later layer only after the attention that read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from varserve.cache.allocator import BlockAllocator
-from varserve.cache.block_table import BlockTables, PageMoves, pages_for
+from varserve.cache.block_table import BlockTables, PageMoves, StepMoves
 from varserve.scheduler.request import Request
 
 
@@ -35,7 +36,8 @@ class LayerPages:
 @dataclass
 class StepPages:
     """LayerPages of every layer of a step, stacked: `block_tables [L, R, H, max_pages]` (padded with the null
-    page), `seqlens` and `history` `[L, R, H]`."""
+    page), `seqlens` and `history` `[L, R, H]`. The model runner may swap in the pinned tensor it had the
+    tables planned into (the device copies from it)."""
 
     block_tables: np.ndarray
     seqlens: np.ndarray
@@ -64,17 +66,46 @@ class BlockManager:
         need = sum(r.held[r.scale] for r in reqs).max()
         return need <= self.allocator.num_free + sum(self.pages_held(r) for r in reqs)
 
-    def plan_step(self, reqs: list[Request]) -> StepPages:
-        """Grow and cut the tables of every layer, in layer order, as the step will run them. The tables are
-        as wide as the step's longest one (not the plans' longest: early steps hold a few pages per table)."""
+    def plan_step(self, reqs: list[Request], empty: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> StepPages:
+        """Grow and cut the tables of every layer, in layer order, as the step will run them, into one step table
+        from `empty(shape)` (int32; e.g. pinned memory the device copies from). It is as wide as the step's
+        longest table (not the plans' longest: early steps hold a few pages per table). Requests that share a
+        scale and plan are grown and cut together, one layer of all of them per allocation."""
+        moves = [r.plan.step_moves(self.page_size, r.rows, r.scale) for r in reqs]
+        self._check_fits(moves)
         num_layers, heads = reqs[0].plan.kept.shape[1:]
-        width = max(int(pages_for(r.plan.attend_len[r.scale].max(), self.page_size)) for r in reqs)
-        tables = np.zeros((num_layers, sum(r.rows for r in reqs), heads, width), dtype=np.int32)
-        layers = []
+        first = np.cumsum([0] + [r.rows for r in reqs])
+        shape = (num_layers, int(first[-1]), heads, max(m.width for m in moves))
+        tables = np.empty(shape, dtype=np.int32) if empty is None else empty(shape)
+        if tables.dtype != np.int32 or tables.shape != shape:
+            raise ValueError(f"the step table must be int32 {shape}, got {tables.dtype} {tables.shape}")
+        for req, m, row in zip(reqs, moves, first):
+            req.tables.load_step(tables[:, row : row + req.rows], m)
+        grow, shrink = _step_entries(moves, first, tables.shape)
+        flat, done = tables.reshape(-1), num_layers
         for layer in range(num_layers):
-            layers.append(self.begin_layer(reqs, layer, out=tables[layer]))
-            self.end_layer(reqs, layer)
-        return StepPages(tables, np.stack([p.seqlens for p in layers]), np.stack([p.history for p in layers]))
+            pages = self.allocator.allocate(len(grow[layer]))
+            if pages is None:  # only if pages are shared (a cut then frees fewer than it empties)
+                done = layer
+                break
+            flat[grow[layer]] = pages
+            self.allocator.free(flat[shrink[layer]])
+        for req, m, row in zip(reqs, moves, first):
+            req.peak_pages = max(req.peak_pages, req.tables.num_pages() + m.peak)
+            req.tables.store_step(tables[:, row : row + req.rows], m, done)
+        if done < num_layers:
+            raise OutOfPagesError(f"no pages for layer {done} of {len(reqs)} requests at scales "
+                                  f"{sorted({r.scale for r in reqs})}")
+        return StepPages(tables, np.concatenate([m.grown for m in moves], axis=1),
+                         np.concatenate([m.before for m in moves], axis=1))
+
+    def _check_fits(self, moves: list[StepMoves]) -> None:
+        """OutOfPagesError, before anything changes, unless every layer's growth fits in what is free then."""
+        grown = sum(np.diff(m.grow_bounds) for m in moves)
+        cut = sum(np.diff(m.shrink_bounds) for m in moves)
+        short = np.flatnonzero(grown > self.allocator.num_free - (np.cumsum(grown - cut) - (grown - cut)))
+        if len(short):
+            raise OutOfPagesError(f"no pages for layer {short[0]}: the step needs {int(grown[short[0]])} more")
 
     def begin_layer(self, reqs: list[Request], layer: int, out: np.ndarray | None = None) -> LayerPages:
         """Grow every request's tables of `layer` to history + current scale, from one allocation. The step's
@@ -103,6 +134,30 @@ class BlockManager:
 
     def _moves(self, reqs: list[Request], layer: int) -> list[PageMoves]:
         return [r.plan.page_moves(self.page_size, r.rows, r.scale, layer) for r in reqs]
+
+
+def _step_entries(moves: list[StepMoves], first: np.ndarray, shape: tuple[int, ...]
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Flat positions in the step table `shape` of every layer's grown and cut entries, in request order within
+    a layer; requests with the same moves (same plan and scale) are expanded together."""
+    num_layers, rows, heads, width = shape
+    groups: dict[int, tuple[StepMoves, list[int]]] = {}
+    for m, row in zip(moves, first):
+        groups.setdefault(id(m), (m, []))[1].append(int(row))
+
+    def positions(kind: str) -> list[np.ndarray]:
+        per_layer: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
+        for m, starts in groups.values():
+            layer, entry, page = getattr(m, kind)
+            bounds = getattr(m, f"{kind}_bounds")
+            at = (layer * rows * heads + entry) * width + page
+            at = at[None, :] + np.asarray(starts, dtype=np.int64)[:, None] * (heads * width)
+            for l in range(num_layers):
+                if bounds[l + 1] > bounds[l]:
+                    per_layer[l].append(at[:, bounds[l] : bounds[l + 1]].ravel())
+        return [np.concatenate(p) if p else np.zeros(0, dtype=np.int64) for p in per_layer]
+
+    return positions("grow"), positions("shrink")
 
 
 def _pad_cat(tables: list[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:

@@ -48,6 +48,49 @@ class PageMoves:
         return len(self.grow[0])
 
 
+@dataclass(frozen=True)
+class StepMoves:
+    """The PageMoves of every layer of a request at one scale, for planning a whole step at once: entries are
+    (layer, row * heads + head, page index) triples in layer order; layer l's are `grow_bounds[l]` to
+    `grow_bounds[l + 1]` (likewise shrink). `before`, `grown`, `kept` are `[layers, rows, heads]`."""
+
+    before: np.ndarray
+    grown: np.ndarray
+    kept: np.ndarray
+    grow: tuple[np.ndarray, np.ndarray, np.ndarray]
+    shrink: tuple[np.ndarray, np.ndarray, np.ndarray]
+    grow_bounds: np.ndarray
+    shrink_bounds: np.ndarray
+    width: int  # pages of the longest table while attending
+    peak: int  # the most pages held at once during the step (layer l grown, the layers before it cut), minus before
+
+    @staticmethod
+    def of(layers: list[PageMoves], page_size: int) -> "StepMoves":
+        grow, grow_bounds = _by_layer([m.grow for m in layers])
+        shrink, shrink_bounds = _by_layer([m.shrink for m in layers])
+        grown, cut = np.diff(grow_bounds), np.diff(shrink_bounds)
+        held = np.cumsum(grown - cut) + cut  # while each layer attends: grown, not yet cut
+        lengths = [np.stack([getattr(m, name) for m in layers]) for name in ("before", "grown", "kept")]
+        return StepMoves(*lengths, grow, shrink, grow_bounds, shrink_bounds,
+                         width=int(pages_for(lengths[1].max(initial=0), page_size)), peak=int(held.max(initial=0)))
+
+    @property
+    def net(self) -> int:
+        """Pages held after the step minus before."""
+        return int(self.grow_bounds[-1] - self.shrink_bounds[-1])
+
+    def layer_counts(self, layers: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pages grown and cut by each of the first `layers` layers."""
+        return np.diff(self.grow_bounds[: layers + 1]), np.diff(self.shrink_bounds[: layers + 1])
+
+
+def _by_layer(entries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    counts = [len(e[0]) for e in entries]
+    layer = np.repeat(np.arange(len(entries)), counts)
+    flat = tuple(np.concatenate([e[i] for e in entries]).astype(np.int64) for i in range(2))
+    return (layer, *flat), np.concatenate([[0], np.cumsum(counts)])
+
+
 class BlockTables:
     """Pages of one request as `[layers, rows, heads, max_pages]` int32 (padded with the null page 0) and
     token lengths `[layers, rows, heads]`. Layer-major so that `table(layer)` is a contiguous view."""
@@ -110,6 +153,26 @@ class BlockTables:
         self._lengths[layer] = moves.kept
         self._num_pages -= len(pages)
         return pages
+
+    def load_step(self, out: np.ndarray, moves: StepMoves) -> None:
+        """Write the tables as they stand before the step into `out` `[layers, rows, heads, W]` (W >=
+        moves.width; the rest is nulled); ValueError unless they hold what the moves start from."""
+        if not np.array_equal(self._lengths, moves.before):
+            raise ValueError("these tables hold other lengths than the step's page moves start from")
+        out[..., : moves.width] = self._pages[..., : moves.width]
+        out[..., moves.width :] = 0
+
+    def store_step(self, rows: np.ndarray, moves: StepMoves, layers: int | None = None) -> None:
+        """Take the step's grown tables `rows` (this request's rows of the step table) with each layer's cut
+        applied, for all layers or the first `layers` (a step that stopped part-way)."""
+        layers = len(self._pages) if layers is None else layers
+        width, done = moves.width, slice(0, layers)
+        self._pages[done, ..., :width] = rows[done, ..., :width]
+        layer, entry, page = (x[: moves.shrink_bounds[layers]] for x in moves.shrink)
+        self._pages.reshape(-1)[(layer * self._lengths[0].size + entry) * self.max_pages + page] = 0
+        self._lengths[done] = moves.kept[done]
+        grown, cut = moves.layer_counts(layers)
+        self._num_pages += int(grown.sum() - cut.sum())
 
     def release(self, allocator: BlockAllocator) -> None:
         """Free every page; a second call frees nothing."""

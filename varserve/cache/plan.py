@@ -19,7 +19,7 @@ from typing import Callable, Union
 
 import numpy as np
 
-from varserve.cache.block_table import PageMoves
+from varserve.cache.block_table import PageMoves, StepMoves
 from varserve.cache.calibration import calibration_for
 from varserve.models.config import ModelConfig
 from varserve.models.schedule import ScaleSchedule
@@ -106,6 +106,14 @@ class KVPlan:
             self._moves[key] = PageMoves.between(
                 *(np.broadcast_to(x, shape) for x in (before, self.attend_len[scale, layer], self.kept[scale, layer])),
                 page_size)
+        return self._moves[key]
+
+    def step_moves(self, page_size: int, rows: int, scale: int) -> StepMoves:
+        """`page_moves` of every layer at `scale`, gathered for planning a step at once; memoised."""
+        key = (page_size, rows, scale)
+        if key not in self._moves:
+            self._moves[key] = StepMoves.of([self.page_moves(page_size, rows, scale, layer)
+                                             for layer in range(self.kept.shape[1])], page_size)
         return self._moves[key]
 
     def max_pages_per_table(self, page_size: int) -> int:
