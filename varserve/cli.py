@@ -114,7 +114,7 @@ def engine_resource_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, help="share of device memory to use (default: 0.9)")
     g.add_argument("--max-num-seqs", type=int, help="running images at most (default: 64)")
     g.add_argument("--max-num-batched-tokens", type=int, help="query tokens of one step at most")
-    g.add_argument("--page-size", type=int, help="tokens per KV page (default: 32)")
+    g.add_argument("--page-size", type=int, help="tokens per KV page (default: 64 with the full policy, else 32)")
     g.add_argument("--num-pages", type=int, help="fix the KV pool size in pages (default: sized from memory)")
     g.add_argument("--attention-backend", help="paged attention backend (default: automatic)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,

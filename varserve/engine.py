@@ -37,7 +37,8 @@ class Engine:
     device / dtype: defaults: CUDA if available, bf16 on CUDA and float32 on CPU.
     gpu_memory_utilization: share of the device memory the engine may use (weights, activations, pages).
     max_num_seqs / max_num_batched_tokens: running requests, and query tokens of one step, at most.
-    page_size: tokens per page (one head of one layer of one row). random_weights: no download.
+    page_size: tokens per page (one head of one layer of one row); default 64 with the full policy, else 32.
+    random_weights: no download.
     data_parallel_size: N > 1 builds a `varserve.parallel.DataParallelEngine` instead: N replicas of this
         engine in their own processes, one per GPU, behind the same API (1: this engine, no overhead).
     num_pages: fixes the KV pool's size in pages (else sized from gpu_memory_utilization on CUDA, 512 MiB on CPU).

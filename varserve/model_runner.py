@@ -28,7 +28,11 @@ from varserve.scheduler.request import Request
 
 logger = logging.getLogger("varserve")
 
-DEFAULT_PAGE_SIZE = 32
+# Tokens per page when not given, by measurement on the H100 (README): with 64 prompts the full policy ran ~4%
+# faster at 64 than at 32 (half the table entries for the host to plan, larger gathers); policies that cut keep
+# 32, as finer pages free more at each cut and waste less on rounding.
+DEFAULT_PAGE_SIZES = {"full": 64}
+CUT_PAGE_SIZE = 32
 CPU_KV_BYTES = 512 * 2**20  # pool size on CPU when num_pages is not given
 ACTIVATION_MARGIN = 1.2  # head room over the profiled peak step
 DECODE_PIXELS = 2 * 1024 * 1024  # pixels per VAE decode call: bounds the decoder's activations
@@ -67,7 +71,7 @@ class ModelRunner:
                             random_weights=config.random_weights, weights=config.weights, seed=config.seed)
         self.model_config, self.model, self.vae, self.text_encoder = (
             loaded.config, loaded.transformer, loaded.vae, loaded.text_encoder)
-        self.page_size = config.page_size or DEFAULT_PAGE_SIZE
+        self.page_size = config.page_size or DEFAULT_PAGE_SIZES.get(policy.name, CUT_PAGE_SIZE)
         self.page_bytes = KVPool.page_bytes(self.page_size, self.model_config.head_dim, self.dtype)
         self.max_num_batched_tokens = config.max_num_batched_tokens or _default_token_budget(self.device)
         self.backend = select_backend(self.device, config.attention_backend)
