@@ -99,66 +99,109 @@ def test_a_planned_step_reuses_pages_layer_by_layer_and_fails_before_running_whe
         assert allocator.peak_used <= need and allocator.num_used == blocks.pages_held(a) + blocks.pages_held(b)
 
 
-@pytest.mark.parametrize("policy", ["full", "window", "scalekv"])
-def test_a_planned_step_does_what_growing_and_cutting_layer_by_layer_does(policy: str) -> None:
-    """plan_step (all layers, requests of one scale together) against begin_layer/end_layer one layer at a time:
-    the same step tables, lengths, request tables, peaks and allocator state, for requests of mixed scales
-    and row counts; requests of one scale sit together, as the model runner orders them."""
-    schedule = parse_size("256x256")
-    plan = make_policy(policy, 1.0 if policy == "full" else 0.3).plan(CFG, schedule)
+@pytest.mark.parametrize("model, policy, budget", [("test-small", "full", 1.0), ("test-small", "window", 0.3),
+                                                   ("test-small", "scalekv", 0.3), ("tiny", "heatkv", 0.1)])
+def test_a_planned_step_does_what_growing_and_cutting_layer_by_layer_does(model: str, policy: str,
+                                                                         budget: float) -> None:
+    """plan_step (all layers; requests of one plan and scale together) against begin_layer/end_layer one layer at a
+    time, for requests of mixed scales and row counts in a shuffled order: plan_step hands out pages group by
+    group, so the layer path runs the requests in that order; each request's rows of the step table, its lengths,
+    its own tables and peak, and the allocator's state must then be equal. tiny's HeatKV calibration keeps
+    different token counts per head."""
+    cfg, schedule = get_config(model), parse_size("256x256")
+    plan = make_policy(policy, budget).plan(cfg, schedule)
     rng = np.random.default_rng(3)
-    scales = sorted(rng.integers(0, schedule.num_scales, size=9).tolist())
     made = [Request(f"r{i}", "p", None, schedule, ScaleSampling(4.0, 1.0, 0.97), 0, int(rng.integers(1, 3)), plan,
-                    plan.held_pages(PAGE, 2)) for i in range(len(scales))]
-    managers = []
+                    plan.held_pages(PAGE, 2)) for i in range(12)]
+    scales = rng.choice([2, 5, schedule.num_scales - 2, schedule.num_scales - 1], size=len(made)).tolist()
+    runs = []
     for _ in range(2):
-        blocks = BlockManager(BlockAllocator(200_000), PAGE)
+        blocks = BlockManager(BlockAllocator(400_000), PAGE)
         reqs = copy.deepcopy(made)
         for req, scale in zip(reqs, scales):
             blocks.start(req)
             _fill_history(blocks, req, scale)
-        managers.append((blocks, reqs))
-    (fast, fast_reqs), (slow, slow_reqs) = managers
+        runs.append((blocks, reqs))
+    (fast, fast_reqs), (slow, slow_reqs) = runs
     planned = fast.plan_step(fast_reqs)
-    for layer in range(CFG.depth):
-        grown = slow.begin_layer(slow_reqs, layer)
-        width = planned.block_tables.shape[-1]
-        np.testing.assert_array_equal(planned.block_tables[layer], grown.block_table[..., :width])
-        assert not grown.block_table[..., width:].any()
-        np.testing.assert_array_equal(planned.seqlens[layer], grown.seqlens)
-        np.testing.assert_array_equal(planned.history[layer], grown.history)
+    groups = list(dict.fromkeys((r.rows, r.scale) for r in fast_reqs))
+    slow_reqs = sorted(slow_reqs, key=lambda r: groups.index((r.rows, r.scale)))
+    grown = []
+    for layer in range(cfg.depth):
+        grown.append(slow.begin_layer(slow_reqs, layer))
         slow.end_layer(slow_reqs, layer)
-    for a, b in zip(fast_reqs, slow_reqs):
-        assert (a.peak_pages, a.tables.num_pages()) == (b.peak_pages, b.tables.num_pages())
-        for layer in range(CFG.depth):
+    width = planned.block_tables.shape[-1]
+    fast_rows, slow_rows = _row_offsets(fast_reqs), _row_offsets(slow_reqs)
+    for b in slow_reqs:
+        a = next(r for r in fast_reqs if r.request_id == b.request_id)
+        mine, theirs = slice(fast_rows[a.request_id], fast_rows[a.request_id] + a.rows), \
+            slice(slow_rows[b.request_id], slow_rows[b.request_id] + b.rows)
+        for layer, g in enumerate(grown):
+            np.testing.assert_array_equal(planned.block_tables[layer, mine], g.block_table[theirs, :, :width])
+            np.testing.assert_array_equal(planned.seqlens[layer, mine], g.seqlens[theirs])
+            np.testing.assert_array_equal(planned.history[layer, mine], g.history[theirs])
             np.testing.assert_array_equal(a.tables.table(layer), b.tables.table(layer))
             np.testing.assert_array_equal(a.tables.lengths(layer), b.tables.lengths(layer))
+        assert (a.peak_pages, a.tables.num_pages()) == (b.peak_pages, b.tables.num_pages())
+    assert not any(g.block_table[..., width:].any() for g in grown)
+    assert planned.block_tables.any(), "the step grew pages"
+    if policy == "heatkv":
+        assert (planned.seqlens != planned.seqlens[..., :1]).any(), "heads hold different token counts"
     assert (fast.allocator.num_used, fast.allocator.peak_used) == (slow.allocator.num_used, slow.allocator.peak_used)
     np.testing.assert_array_equal(fast.allocator.refcounts, slow.allocator.refcounts)
 
 
+def _row_offsets(reqs: list[Request]) -> dict[str, int]:
+    starts = np.cumsum([0] + [r.rows for r in reqs])
+    return {r.request_id: int(start) for r, start in zip(reqs, starts)}
+
+
 def test_a_step_stopped_by_shared_pages_leaves_consistent_tables_and_leaks_nothing() -> None:
     """A cut frees only pages no one else holds: with A's pages shared, the step runs short part-way. The tables
-    then stand at the layers that ran, and releasing everything returns every page."""
-    a, b = make_request("a"), make_request("b")
-    last = a.schedule.num_scales - 1
-    need = int((a.held[last] + b.held[4]).max())
-    allocator = BlockAllocator(need + 1)
-    blocks = BlockManager(allocator, PAGE)
-    for req, scale in ((a, last), (b, 4)):
-        blocks.start(req)
-        _fill_history(blocks, req, scale)
-    shared = np.concatenate([a.tables.table(layer).ravel() for layer in range(CFG.depth)])
-    shared = shared[shared != 0]
-    allocator.fork(shared)
+    and peaks then stand where the layer-by-layer path stops, and releasing everything returns every page."""
+    runs = []
+    for _ in range(2):
+        a, b = make_request("a"), make_request("b")
+        last = a.schedule.num_scales - 1
+        allocator = BlockAllocator(int((a.held[last] + b.held[4]).max()) + 1)
+        blocks = BlockManager(allocator, PAGE)
+        for req, scale in ((a, last), (b, 4)):
+            blocks.start(req)
+            _fill_history(blocks, req, scale)
+        shared = np.concatenate([a.tables.table(layer).ravel() for layer in range(CFG.depth)])
+        allocator.fork(shared[shared != 0])
+        runs.append((blocks, a, b, shared[shared != 0]))
+    (blocks, a, b, shared), (layered, *slow) = runs
     with pytest.raises(OutOfPagesError):
         blocks.plan_step([b, a])
+    with pytest.raises(OutOfPagesError):
+        for layer in range(CFG.depth):
+            layered.begin_layer(slow[1::-1], layer)
+            layered.end_layer(slow[1::-1], layer)
+    for fast_req, slow_req in zip((a, b), slow):
+        assert fast_req.peak_pages == slow_req.peak_pages and fast_req.tables.num_pages() == slow_req.tables.num_pages()
+        for layer in range(CFG.depth):
+            np.testing.assert_array_equal(fast_req.tables.lengths(layer), slow_req.tables.lengths(layer))
     held = blocks.pages_held(a) + blocks.pages_held(b)
-    assert allocator.num_used == held + len(set(shared.tolist()) - _all_pages(a))
+    assert blocks.allocator.num_used == held + len(set(shared.tolist()) - _all_pages(a))
     blocks.release(a)
     blocks.release(b)
-    allocator.free(shared)
-    assert allocator.num_used == 0
+    blocks.allocator.free(shared)
+    assert blocks.allocator.num_used == 0
+
+
+def test_a_step_table_must_be_contiguous_int32() -> None:
+    """Positions are written through a flat view: a strided or other-typed table would take the pages into a copy."""
+    blocks = BlockManager(BlockAllocator(100_000), PAGE)
+    req = make_request("a")
+    blocks.start(req)
+    for empty in (lambda shape: np.empty(shape[:-1] + (2 * shape[-1],), np.int32)[..., ::2],
+                  lambda shape: np.empty(shape, np.int64)):
+        with pytest.raises(ValueError, match="C-contiguous int32"):
+            blocks.plan_step([req], empty)
+        assert blocks.allocator.num_used == 0 and blocks.pages_held(req) == 0
+    blocks.plan_step([req], lambda shape: np.empty(shape, np.int32))
+    assert blocks.pages_held(req) > 0
 
 
 def _all_pages(req: Request) -> set[int]:

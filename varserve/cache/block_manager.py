@@ -68,17 +68,18 @@ class BlockManager:
 
     def plan_step(self, reqs: list[Request], empty: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> StepPages:
         """Grow and cut the tables of every layer, in layer order, as the step will run them, into one step table
-        from `empty(shape)` (int32; e.g. pinned memory the device copies from). It is as wide as the step's
-        longest table (not the plans' longest: early steps hold a few pages per table). Requests that share a
-        scale and plan are grown and cut together, one layer of all of them per allocation."""
+        from `empty(shape)` (a C-contiguous int32 array, e.g. pinned memory the device copies from). It is as wide
+        as the step's longest table (not the plans' longest: early steps hold a few pages per table). Requests
+        that share a scale and plan are grown and cut together, one layer of all of them per allocation."""
         moves = [r.plan.step_moves(self.page_size, r.rows, r.scale) for r in reqs]
         self._check_fits(moves)
         num_layers, heads = reqs[0].plan.kept.shape[1:]
         first = np.cumsum([0] + [r.rows for r in reqs])
         shape = (num_layers, int(first[-1]), heads, max(m.width for m in moves))
         tables = np.empty(shape, dtype=np.int32) if empty is None else empty(shape)
-        if tables.dtype != np.int32 or tables.shape != shape:
-            raise ValueError(f"the step table must be int32 {shape}, got {tables.dtype} {tables.shape}")
+        if tables.dtype != np.int32 or tables.shape != shape or not tables.flags.c_contiguous:
+            raise ValueError(f"the step table must be a C-contiguous int32 array of shape {shape}, got "
+                             f"{tables.dtype} {tables.shape}{'' if tables.flags.c_contiguous else ' (not contiguous)'}")
         for req, m, row in zip(reqs, moves, first):
             req.tables.load_step(tables[:, row : row + req.rows], m)
         grow, shrink = _step_entries(moves, first, tables.shape)
@@ -91,7 +92,7 @@ class BlockManager:
             flat[grow[layer]] = pages
             self.allocator.free(flat[shrink[layer]])
         for req, m, row in zip(reqs, moves, first):
-            req.peak_pages = max(req.peak_pages, req.tables.num_pages() + m.peak)
+            req.peak_pages = max(req.peak_pages, req.tables.num_pages() + m.peak(done))
             req.tables.store_step(tables[:, row : row + req.rows], m, done)
         if done < num_layers:
             raise OutOfPagesError(f"no pages for layer {done} of {len(reqs)} requests at scales "
@@ -138,8 +139,10 @@ class BlockManager:
 
 def _step_entries(moves: list[StepMoves], first: np.ndarray, shape: tuple[int, ...]
                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Flat positions in the step table `shape` of every layer's grown and cut entries, in request order within
-    a layer; requests with the same moves (same plan and scale) are expanded together."""
+    """Flat positions in the step table `shape` of every layer's grown and cut entries. Requests with the same moves
+    (same plan, rows and scale) are expanded together, so within a layer the entries go group by group, in the
+    order each group's first request appears (the pages then differ from a request-by-request order, not the
+    counts: a test runs the layer path in this order and compares)."""
     num_layers, rows, heads, width = shape
     groups: dict[int, tuple[StepMoves, list[int]]] = {}
     for m, row in zip(moves, first):

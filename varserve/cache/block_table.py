@@ -62,17 +62,20 @@ class StepMoves:
     grow_bounds: np.ndarray
     shrink_bounds: np.ndarray
     width: int  # pages of the longest table while attending
-    peak: int  # the most pages held at once during the step (layer l grown, the layers before it cut), minus before
+    held: np.ndarray  # [layers] pages held while each layer attends (it grown, those before it cut), minus before
 
     @staticmethod
     def of(layers: list[PageMoves], page_size: int) -> "StepMoves":
         grow, grow_bounds = _by_layer([m.grow for m in layers])
         shrink, shrink_bounds = _by_layer([m.shrink for m in layers])
         grown, cut = np.diff(grow_bounds), np.diff(shrink_bounds)
-        held = np.cumsum(grown - cut) + cut  # while each layer attends: grown, not yet cut
         lengths = [np.stack([getattr(m, name) for m in layers]) for name in ("before", "grown", "kept")]
         return StepMoves(*lengths, grow, shrink, grow_bounds, shrink_bounds,
-                         width=int(pages_for(lengths[1].max(initial=0), page_size)), peak=int(held.max(initial=0)))
+                         width=int(pages_for(lengths[1].max(initial=0), page_size)), held=np.cumsum(grown - cut) + cut)
+
+    def peak(self, layers: int) -> int:
+        """The most pages held at once while the first `layers` layers ran, minus those held before."""
+        return int(self.held[:layers].max(initial=0))
 
     @property
     def net(self) -> int:
