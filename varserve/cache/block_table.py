@@ -77,11 +77,6 @@ class StepMoves:
         """The most pages held at once while the first `layers` layers ran, minus those held before."""
         return int(self.held[:layers].max(initial=0))
 
-    @property
-    def net(self) -> int:
-        """Pages held after the step minus before."""
-        return int(self.grow_bounds[-1] - self.shrink_bounds[-1])
-
     def layer_counts(self, layers: int) -> tuple[np.ndarray, np.ndarray]:
         """Pages grown and cut by each of the first `layers` layers."""
         return np.diff(self.grow_bounds[: layers + 1]), np.diff(self.shrink_bounds[: layers + 1])
