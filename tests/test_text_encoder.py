@@ -76,6 +76,30 @@ def test_batch_invariance(tiny):
     torch.testing.assert_close(chunked, together, rtol=0, atol=1e-5)
 
 
+class PadSpy(torch.nn.Module):
+    """Records each call's input ids and keyword arguments, then runs the encoder."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.calls = model, model.config, []
+
+    def forward(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.model(**kwargs)
+
+
+def test_prompts_run_unpadded_and_unmasked_in_order(tiny):
+    """A padding mask makes the HF encoder wait for the device; prompts of one token count run together instead."""
+    prompts = ["ab", "abcd", "cd", "", "ef", "abcd", "gh"]
+    spy = PadSpy(tiny.model)
+    batch = TextEncoder(TINY, spy, tiny.tokenizer, batch_size=2).encode(prompts)
+    assert all(set(call) == {"input_ids"} for call in spy.calls)
+    assert all((call["input_ids"] != tiny.tokenizer.pad_id).all() for call in spy.calls)
+    assert sorted(call["input_ids"].shape[1] for call in spy.calls) == [1, 3, 3, 5]  # 2 prompts a call at most
+    alone = torch.cat([tiny.encode([p]).features for p in prompts])
+    torch.testing.assert_close(batch.features, alone, rtol=0, atol=1e-5)
+
+
 def test_over_long_prompt_is_rejected(tiny):
     fits = "x" * (TINY.max_length - 1)
     assert tiny.encode([fits]).lengths == [TINY.max_length]

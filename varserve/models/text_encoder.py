@@ -195,9 +195,9 @@ class SmallTextEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, shape.num_layers, norm=nn.LayerNorm(shape.d_model),
                                             enable_nested_tensor=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BaseModelOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BaseModelOutput:
         x = self.embed(input_ids) + self.positions[: input_ids.shape[1]]
-        hidden = self.layers(x, src_key_padding_mask=attention_mask == 0)
+        hidden = self.layers(x, src_key_padding_mask=None if attention_mask is None else attention_mask == 0)
         return BaseModelOutput(last_hidden_state=hidden)
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -255,9 +255,8 @@ class TextEncoder:
     def encode(self, prompts: Sequence[str]) -> TextBatch:
         ids = self.tokenizer.token_ids(prompts)
         self.check_lengths(ids)
-        chunks = [self._encode_padded(ids[i:i + self.batch_size]) for i in range(0, len(ids), self.batch_size)]
+        features = self._features(ids)
         lengths = [len(seq) for seq in ids]
-        features = torch.cat(chunks) if chunks else torch.empty(0, self.config.d_model, device=self.device)
         counts = upload(torch.tensor(lengths, dtype=torch.int32), self.device)  # pinned: the host does not wait
         cu_seqlens = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
         return TextBatch(features=features, lengths=lengths, cu_seqlens=cu_seqlens)
@@ -272,17 +271,24 @@ class TextEncoder:
                     f"of the {self.config.name} text encoder; shorten it (prompts are not truncated)"
                 )
 
-    def _encode_padded(self, ids: list[list[int]]) -> torch.Tensor:
-        """Features of the valid tokens of a few prompts padded to the longest (padding is masked out)."""
-        width = max(len(seq) for seq in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            input_ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        hidden = self.model(input_ids=upload(input_ids, self.device), attention_mask=upload(mask, self.device))
-        hidden = hidden.last_hidden_state
-        return torch.cat([hidden[row, :len(seq)] for row, seq in enumerate(ids)]).float()
+    def _features(self, ids: list[list[int]]) -> torch.Tensor:
+        """fp32 features [sum(lengths), d_model] of every prompt's tokens, prompts in order. Prompts of one token
+        count run together without padding: a padding mask makes the HF encoder ask the device whether anything is
+        masked, a host wait that left the device idle while the host then planned the step."""
+        by_length: dict[int, list[int]] = {}
+        for index, seq in enumerate(ids):
+            by_length.setdefault(len(seq), []).append(index)
+        per_prompt: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+        for indices in by_length.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                input_ids = upload(torch.tensor([ids[i] for i in chunk], dtype=torch.long), self.device)
+                hidden = self.model(input_ids=input_ids).last_hidden_state
+                for row, index in enumerate(chunk):
+                    per_prompt[index] = hidden[row]
+        if not per_prompt:
+            return torch.empty(0, self.config.d_model, device=self.device)
+        return torch.cat(per_prompt).float()
 
 
 def _source_folder(config: TextEncoderConfig, path: str | Path | None) -> Path | None:
