@@ -128,6 +128,38 @@ def test_group_norm_swish_kernels_in_interpreter(shape: tuple[int, ...], groups:
     assert fast.shape == exact.shape and rel_error(fast, exact) < 1e-6
 
 
+def conv_inputs(channels_in: int, channels_out: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(7)
+    x = torch.randn(2, channels_in, 19, 23, generator=g)
+    weight = torch.randn(channels_out, channels_in, 3, 3, generator=g) / (3 * channels_in**0.5)
+    return x, weight, torch.randn(channels_out, generator=g).mul(4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_out", [96, 3])
+def test_conv_bias_kernel_matches_autocast_conv(channels_out: int) -> None:
+    """The bias pass gives autocast's conv exactly (bf16 bias added to the bf16 conv output, rounded once); the
+    VAE's last conv has 3 channels."""
+    x, weight, bias = (t.cuda() for t in conv_inputs(64, channels_out))
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", torch.bfloat16):
+        fast, plain = fused.conv2d(x, weight, bias, 1), torch.nn.functional.conv2d(x, weight, bias, padding=1)
+    exact = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    assert fast.dtype == torch.bfloat16 and fast.is_contiguous(memory_format=torch.channels_last)
+    assert rel_error(fast, exact) < 1e-2
+    assert torch.equal(fast, plain)
+
+
+@pytest.mark.skipif(fused.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="checks the Triton kernels on CPU only under TRITON_INTERPRET=1 with triton installed")
+def test_conv_bias_kernel_in_interpreter() -> None:
+    x, weight, bias = conv_inputs(8, 24)
+    out = torch.nn.functional.conv2d(x, weight, None, padding=1).contiguous(memory_format=torch.channels_last)
+    fused._channel_bias_add_triton(out.permute(0, 2, 3, 1), bias)
+    assert rel_error(out, torch.nn.functional.conv2d(x, weight, bias, padding=1)) < 1e-6
+
+
 @pytest.mark.gpu
 def test_training_on_cuda_keeps_autograd_through_the_fused_paths() -> None:
     """Inputs that require grad run the eager versions (the Triton kernels and the GELU epilogue have no

@@ -31,6 +31,7 @@ vae.safetensors of the models trained in varserve/training/, in this key layout)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from varserve.models.fused import group_norm_swish
+from varserve.models.fused import conv2d, group_norm_swish
 
 Hw = tuple[int, int]
 
@@ -118,7 +119,7 @@ class _Conv(nn.Module):
         self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return conv2d(x, self.conv.weight, self.conv.bias, self.conv.padding[0])
 
 
 class _Norm(nn.Module):
@@ -158,7 +159,10 @@ class _Upsample(nn.Module):
         self.conv = _Conv(channels, channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        # Nearest copies values: in x's dtype, not the fp32 CUDA autocast picks (4x the map, cast back by the conv).
+        with torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext():
+            up = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(up)
 
 
 class Decoder(nn.Module):
