@@ -48,12 +48,13 @@ def test_row_kernels_match_eager(width: int) -> None:
     y = torch.randn(777, width, generator=g).cuda().bfloat16()
     weight, bias = (torch.randn(width, generator=g).cuda().bfloat16() for _ in range(2))
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # fp32 out checks the math itself
-        pairs = [
-            (fused.ln_modulate(x, scale, shift, rows, 1e-6, dtype),
-             fused.ln_modulate.__wrapped__(x, scale, shift, rows, 1e-6, dtype)),
-            (fused.layer_norm_cast(x, weight, bias, 1e-6, dtype),
-             fused.layer_norm_cast.__wrapped__(x, weight, bias, 1e-6, dtype)),
-        ]
+        pairs = [(fused.ln_modulate(x, scale, shift, rows, 1e-6, dtype),
+                  fused.ln_modulate.__wrapped__(x, scale, shift, rows, 1e-6, dtype))]
+        for fn, args in ((fused.gated_add_layer_norm, (x, y, gamma, rows, weight, bias, 1e-6, dtype)),
+                         (fused.add_ln_modulate, (x, y, scale, shift, rows, 1e-6, dtype))):
+            (residual, fast), (expected, slow) = fn(*args), fn.__wrapped__(*args)
+            assert residual.dtype == torch.float32 and rel_error(residual, expected) < 1e-6
+            pairs.append((fast, slow))
         for fast, slow in pairs:
             assert fast.dtype == slow.dtype == dtype and rel_error(fast, slow) < tolerance
     assert rel_error(fused.gated_add(x, y, gamma, rows), fused.gated_add.__wrapped__(x, y, gamma, rows)) < 1e-6
@@ -73,8 +74,10 @@ def test_row_kernels_in_interpreter(width: int) -> None:
     pairs = [
         (fused._ln_modulate_triton(x, scale, shift, rows, 1e-6, torch.float32),
          fused.ln_modulate.__wrapped__(x, scale, shift, rows, 1e-6, torch.float32)),
-        (fused._layer_norm_cast_triton(x, weight, bias, 1e-6, torch.float32),
-         fused.layer_norm_cast.__wrapped__(x, weight, bias, 1e-6, torch.float32)),
+        *zip(fused._gated_add_layer_norm_triton(x, y, gamma, rows, weight, bias, 1e-6, torch.float32),
+             fused.gated_add_layer_norm.__wrapped__(x, y, gamma, rows, weight, bias, 1e-6, torch.float32)),
+        *zip(fused._add_ln_modulate_triton(x, y, scale, shift, rows, 1e-6, torch.float32),
+             fused.add_ln_modulate.__wrapped__(x, y, scale, shift, rows, 1e-6, torch.float32)),
         (fused._gated_add_triton(x, y, gamma, rows), fused.gated_add.__wrapped__(x, y, gamma, rows)),
     ]
     column_major = gamma.t().contiguous().t()  # a last stride other than 1: the launch must copy it first

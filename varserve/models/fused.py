@@ -64,24 +64,35 @@ def rows_on_cuda(fast: Callable[..., Tensor]) -> Callable[[Callable[..., Tensor]
 
 def _ln_modulate_triton(x: Tensor, scale: Tensor, shift: Tensor, row_index: Tensor, eps: float,
                         dtype: torch.dtype) -> Tensor:
-    return _norm_rows(x, scale, shift, row_index, eps, dtype, modulate=True)
+    return _norm_rows(x, scale, shift, row_index, eps, dtype, modulate=True)[1]
 
 
-def _layer_norm_cast_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    return _norm_rows(x, weight[None], bias[None], x, eps, dtype, modulate=False)
+def _gated_add_layer_norm_triton(x: Tensor, y: Tensor, gamma: Tensor, row_index: Tensor, weight: Tensor, bias: Tensor,
+                                 eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _norm_rows(x, weight[None], bias[None], row_index, eps, dtype, modulate=False, y=y, gamma=gamma)
 
 
-def _norm_rows(x: Tensor, a: Tensor, b: Tensor, row_index: Tensor, eps: float, dtype: torch.dtype,
-               modulate: bool) -> Tensor:
-    """LayerNorm of every row of x [T, C], then * (1 + a[row]) + b[row] (modulate) or * a[0] + b[0] (affine)."""
+def _add_ln_modulate_triton(x: Tensor, y: Tensor, scale: Tensor, shift: Tensor, row_index: Tensor, eps: float,
+                            dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _norm_rows(x, scale, shift, row_index, eps, dtype, modulate=True, y=y)
+
+
+def _norm_rows(x: Tensor, a: Tensor, b: Tensor, row_index: Tensor, eps: float, dtype: torch.dtype, modulate: bool,
+               y: Tensor | None = None, gamma: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """LayerNorm of every row of x [T, C], then * (1 + a[row]) + b[row] (modulate) or * a[0] + b[0] (affine);
+    with y, x first becomes x + y (or x + y * gamma[row]), a new tensor. Returns (x, the norm's output)."""
     T, C = x.shape
     out = torch.empty(T, C, dtype=dtype, device=x.device)
+    residual = x if y is None else torch.empty_like(x)
     a, b = _unit_last(a), _unit_last(b)
+    gate = a if gamma is None else _unit_last(gamma)  # unread without gamma
     if T:
         block = triton.next_power_of_2(C)
-        _norm_rows_kernel[(T,)](x, a, b, row_index, out, C, a.stride(0), b.stride(0), eps, MODULATE=modulate,
-                                BLOCK_C=block, num_warps=8 if block >= 2048 else 4)
-    return out
+        _norm_rows_kernel[(T,)](x, x if y is None else y.contiguous(), gate, a, b, row_index, residual, out, C,
+                                gate.stride(0), a.stride(0), b.stride(0), eps, ADD=y is not None,
+                                GATED=gamma is not None, MODULATE=modulate, BLOCK_C=block,
+                                num_warps=8 if block >= 2048 else 4)
+    return residual, out
 
 
 def _gated_add_triton(x: Tensor, y: Tensor, gamma: Tensor, row_index: Tensor) -> Tensor:
@@ -112,15 +123,26 @@ def gated_add(x: Tensor, y: Tensor, gamma: Tensor, row_index: Tensor) -> Tensor:
     return x + y.to(x.dtype) * gamma[row_index]
 
 
-@rows_on_cuda(_layer_norm_cast_triton)
 def layer_norm_cast(x: Tensor, weight: Tensor, bias: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     """Affine LayerNorm computed in x's dtype (fp32 residual), output cast to dtype."""
     return F.layer_norm(x, x.shape[-1:], weight.to(x.dtype), bias.to(x.dtype), eps).to(dtype)
 
 
-def residual_add(x: Tensor, y: Tensor) -> Tensor:
-    """x + y in x's dtype (the ungated cross-attention residual): one eager kernel, type promotion included."""
-    return x + y.to(x.dtype)
+@rows_on_cuda(_gated_add_layer_norm_triton)
+def gated_add_layer_norm(x: Tensor, y: Tensor, gamma: Tensor, row_index: Tensor, weight: Tensor, bias: Tensor,
+                         eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`gated_add`, then `layer_norm_cast` of the result: (new residual, its norm). One pass on CUDA."""
+    x = gated_add.__wrapped__(x, y, gamma, row_index)
+    return x, layer_norm_cast(x, weight, bias, eps, dtype)
+
+
+@rows_on_cuda(_add_ln_modulate_triton)
+def add_ln_modulate(x: Tensor, y: Tensor, scale: Tensor, shift: Tensor, row_index: Tensor, eps: float,
+                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The ungated residual x + y (in x's dtype), then `ln_modulate` of it: (new residual, its norm). One pass on
+    CUDA."""
+    x = x + y.to(x.dtype)
+    return x, ln_modulate.__wrapped__(x, scale, shift, row_index, eps, dtype)
 
 
 def group_norm_swish(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, dtype: torch.dtype) -> Tensor:
@@ -237,18 +259,25 @@ def _cosine_qkv_triton(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Ten
 if triton is not None:
 
     @triton.jit
-    def _norm_rows_kernel(X, A, B, Rows, Out, C, stride_a, stride_b, eps, MODULATE: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+    def _norm_rows_kernel(X, Y, Gamma, A, B, Rows, XOut, Out, C, stride_g, stride_a, stride_b, eps,
+                          ADD: tl.constexpr, GATED: tl.constexpr, MODULATE: tl.constexpr, BLOCK_C: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_C)
         mask = offs < C
         x = tl.load(X + t * C + offs, mask=mask, other=0.0)
+        row = tl.load(Rows + t).to(tl.int64) if MODULATE or GATED else 0
+        if ADD:
+            y = tl.load(Y + t * C + offs, mask=mask, other=0.0).to(tl.float32)
+            if GATED:
+                x = x + y * tl.load(Gamma + row * stride_g + offs, mask=mask, other=0.0)
+            else:
+                x = x + y
+            tl.store(XOut + t * C + offs, x, mask=mask)
         mean = tl.sum(x, 0) / C
         centred = tl.where(mask, x - mean, 0.0)
         h = centred * tl.rsqrt(tl.sum(centred * centred, 0) / C + eps)
-        row = tl.load(Rows + t).to(tl.int64) if MODULATE else 0
-        a = tl.load(A + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(B + row * stride_b + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(A + (row if MODULATE else 0) * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + (row if MODULATE else 0) * stride_b + offs, mask=mask, other=0.0).to(tl.float32)
         h = h * (1 + a) + b if MODULATE else h * a + b
         tl.store(Out + t * C + offs, h.to(Out.dtype.element_ty), mask=mask)
 

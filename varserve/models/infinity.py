@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from varserve.attention import upload, varlen_attention
 from varserve.models.config import ModelConfig
-from varserve.models.fused import cosine_qkv, gated_add, layer_norm_cast, ln_modulate, needs_grad, residual_add
+from varserve.models.fused import add_ln_modulate, cosine_qkv, gated_add, gated_add_layer_norm, ln_modulate, needs_grad
 
 MAX_LOG_SCALE = math.log(100.0)
 
@@ -198,12 +198,13 @@ class Block(nn.Module):
         """x: [T, C] residual stream in fp32 (fp64 in exactness tests); sublayers run in the weights' dtype."""
         dtype, rows = self.sa.proj.weight.dtype, batch.row_index
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss[0, 0].to(x.dtype) + batch.text.gss).unbind(1)
-        x = gated_add(x, self.sa(ln_modulate(x, scale1, shift1, rows, self.eps, dtype), batch, kv, layer), gamma1, rows)
+        attended = self.sa(ln_modulate(x, scale1, shift1, rows, self.eps, dtype), batch, kv, layer)
         # ca_norm runs on the fp32 residual (the reference's autocast runs layer_norm in fp32); only its output
         # is cast to the weights' dtype.
-        h = layer_norm_cast(x, self.ca_norm.weight, self.ca_norm.bias, self.ca_norm.eps, dtype)
-        x = residual_add(x, self.ca(h, batch, layer))
-        return gated_add(x, self.ffn(ln_modulate(x, scale2, shift2, rows, self.eps, dtype)), gamma2, rows)
+        x, h = gated_add_layer_norm(x, attended, gamma1, rows, self.ca_norm.weight, self.ca_norm.bias,
+                                    self.ca_norm.eps, dtype)
+        x, h = add_ln_modulate(x, self.ca(h, batch, layer), scale2, shift2, rows, self.eps, dtype)
+        return gated_add(x, self.ffn(h), gamma2, rows)
 
 
 class BlockChunk(nn.Module):
