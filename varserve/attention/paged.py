@@ -173,19 +173,28 @@ def _sdpa_gather(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
     """Rows with the same q length and the same k length on every head form one dense SDPA call (cuDNN on
     Hopper). Rows whose heads differ in k length (HeatKV) pad to their longest head under a key mask."""
     cu, lens = _host_plan(cu_seqlens_q, seqlens_k)
-    parts = [_sdpa_group(q, k_pages, v_pages, block_table, cu, lens, rows, softmax_scale)
-             for rows in _group_rows(cu, lens)]
+    parts = _sdpa_parts(q, k_pages, v_pages, block_table, cu, lens, np.arange(len(lens)), softmax_scale)
     if len(parts) == 1 and isinstance(parts[0][0], slice) and len(parts[0][1]) == len(q):
         return parts[0][1]
-    out = torch.empty_like(q)
+    return _place(torch.empty_like(q), parts)
+
+
+def _sdpa_parts(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, cu: np.ndarray, lens: np.ndarray,
+                rows: np.ndarray, scale: float) -> list[tuple[slice | Tensor, Tensor]]:
+    """(token selector into q, output) of every group of `rows`."""
+    groups = _group_rows(cu, lens, rows)
+    return [_sdpa_group(q, k_pages, v_pages, block_table, cu, lens, group, scale) for group in groups]
+
+
+def _place(out: Tensor, parts: list[tuple[slice | Tensor, Tensor]]) -> Tensor:
     for tokens, part in parts:
         out[tokens] = part
     return out
 
 
-def _group_rows(cu: np.ndarray, lens: np.ndarray) -> list[np.ndarray]:
-    """Rows (with queries) grouped by (q length, longest head's k length, all heads equal?)."""
-    live = np.flatnonzero(np.diff(cu) > 0)
+def _group_rows(cu: np.ndarray, lens: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    """`rows` that have queries, grouped by (q length, longest head's k length, all heads equal?)."""
+    live = rows[np.diff(cu)[rows] > 0]
     if not len(live):
         return []
     longest = lens[live].max(1)
@@ -311,13 +320,16 @@ def _hybrid(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, se
     if large.all() or not large.any():
         fn = _sdpa_gather if large.all() else paged_attention_triton
         return fn(q, k_pages, v_pages, block_table, seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale)
-    out = torch.empty_like(q)
-    for rows, fn in ((np.flatnonzero(large), _sdpa_gather), (np.flatnonzero(~large), paged_attention_triton)):
-        tokens = _selector(np.concatenate([np.arange(cu[r], cu[r + 1]) for r in rows]), q.device)
-        qlen = np.diff(cu)[rows]
-        sub_cu = torch.from_numpy(np.concatenate([[0], np.cumsum(qlen)]).astype(np.int32))
-        out[tokens] = fn(q[tokens], k_pages, v_pages, block_table[_selector(rows, q.device)],
-                         torch.from_numpy(lens[rows]), sub_cu, int(qlen.max()), int(lens[rows].max()), softmax_scale)
+    # the large rows' outputs go straight to their tokens (one copy; a sub-call's assembled output was a second)
+    out = _place(torch.empty_like(q), _sdpa_parts(q, k_pages, v_pages, block_table, cu, lens, np.flatnonzero(large),
+                                                  softmax_scale))
+    rows = np.flatnonzero(~large)
+    tokens = _selector(np.concatenate([np.arange(cu[r], cu[r + 1]) for r in rows]), q.device)
+    qlen = np.diff(cu)[rows]
+    sub_cu = torch.from_numpy(np.concatenate([[0], np.cumsum(qlen)]).astype(np.int32))
+    out[tokens] = paged_attention_triton(q[tokens], k_pages, v_pages, block_table[_selector(rows, q.device)],
+                                         torch.from_numpy(lens[rows]), sub_cu, int(qlen.max()), int(lens[rows].max()),
+                                         softmax_scale)
     return out
 
 
