@@ -4,7 +4,8 @@ aborted midway, and every page goes back to the pool.
     python examples/step_api_loop.py
 
 `Engine.step()` runs the next scale of every running request and returns the requests that ended (an image
-finished while others run comes back from the next step: its decode overlaps that step).
+finished while others run comes back from the next step: its decode overlaps that step). Each step is planned
+while the device runs the one before: a request added now joins the step after the next.
 Lower priority values are admitted first; `max_num_seqs=2` makes the queue visible.
 """
 
@@ -30,9 +31,8 @@ while step in arrivals or engine.has_unfinished_requests():
     for name, prompt, priority, seed in arrivals.get(step, []):
         add(name, prompt, priority, seed)
     if step == ABORT_AT[0]:
-        before = engine.cache_stats()["used_pages"]
         engine.abort(ABORT_AT[1])
-        print(f"  x aborted {ABORT_AT[1]}: used pages {before} -> {engine.cache_stats()['used_pages']}")
+        print(f"  x aborted {ABORT_AT[1]}: it runs with the step planned already, then its pages go")
     finished = engine.step()
     stats = engine.cache_stats()
     running = [r.request_id for r in engine.scheduler.running]

@@ -107,14 +107,50 @@ def test_an_image_comes_back_from_the_step_after_its_last_scale_and_its_pages_at
     engine.add_request("first", first, request_id="first")
     for _ in range(3):
         assert not engine.step()
-    engine.add_request("later", later, request_id="later")
+    engine.add_request("later", later, request_id="later")  # the next step is planned: it joins the one after
     assert not any(engine.step() for _ in range(scales - 3))  # the last of these ran first's last scale
     assert engine.scheduler.find("first") is None and engine.has_unfinished_requests()
     assert engine.cache_stats()["used_pages"] == engine.block_manager.pages_held(engine.scheduler.find("later"))
     outputs = engine.step()
     assert [o.request_id for o in outputs] == ["first"]
     np.testing.assert_array_equal(np.asarray(outputs[0].image), expected)
-    assert not engine.step() and [o.request_id for o in engine.step()] == ["later"]  # its last two scales
+    assert not engine.step() and not engine.step()
+    assert [o.request_id for o in engine.step()] == ["later"]  # its last three scales
+    assert_clean(engine)
+
+
+def test_the_next_step_is_planned_while_this_one_runs(engine: Engine, monkeypatch) -> None:
+    """Step N+1 is scheduled and planned once step N's transformer is launched, before its sampling."""
+    planned: list[bool] = []
+    sample = engine.runner._sample
+
+    def spy(*args):
+        planned.append(engine._next is not None)
+        return sample(*args)
+
+    monkeypatch.setattr(engine.runner, "_sample", spy)
+    params = SamplingParams(size=SMALL, seed=3)
+    engine.generate("one image", params, use_tqdm=False)
+    assert planned == [True] * (len(params.schedule.scales) - 1) + [False]
+
+
+def test_a_request_aborted_after_its_next_step_was_planned_runs_with_it_then_goes(engine: Engine) -> None:
+    kept, dropped = SamplingParams(size=SMALL, seed=33), SamplingParams(size=TALL, seed=34)
+    expected = dense_image(engine, "kept", kept)
+    engine.add_request("kept", kept, request_id="kept")
+    engine.add_request("dropped", dropped, request_id="dropped")
+    engine.step()  # planned the second step, with both
+    assert engine.abort("dropped") and not engine.abort("dropped")
+    with pytest.raises(ValueError, match="already in use"):  # its rows still run with the planned step
+        engine.add_request("again", dropped, request_id="dropped")
+    kept_pages = engine.block_manager.pages_held(engine.scheduler.find("kept"))
+    assert engine.cache_stats()["used_pages"] > kept_pages
+    engine.step()
+    assert engine.cache_stats()["used_pages"] == engine.block_manager.pages_held(engine.scheduler.find("kept"))
+    engine.add_request("again", dropped, request_id="dropped")
+    outputs = run_to_end(engine)
+    assert set(outputs) == {"kept", "dropped"} and outputs["dropped"].prompt == "again"
+    np.testing.assert_array_equal(np.asarray(outputs["kept"].image), expected)
     assert_clean(engine)
 
 
@@ -274,6 +310,28 @@ def test_failed_step_fails_its_requests_and_frees_everything(engine: Engine, mon
     assert_clean(engine)
 
 
+def test_a_step_failing_after_the_next_was_planned_requeues_the_requests_it_admitted(engine: Engine,
+                                                                                    monkeypatch) -> None:
+    """The newcomer was admitted into the planned next step, which never runs: it waits, then starts afresh."""
+    later = SamplingParams(size=SMALL, seed=2)
+    expected = dense_image(engine, "newcomer", later)
+    engine.add_request("doomed", SamplingParams(size=TALL, seed=1), request_id="doomed")
+    engine.step()
+    engine.add_request("newcomer", later, request_id="newcomer")
+
+    def broken(*args):
+        raise RuntimeError("sampling fell over")
+
+    monkeypatch.setattr(engine.runner, "_sample", broken)
+    outputs = engine.step()
+    monkeypatch.undo()
+    assert [o.request_id for o in outputs] == ["doomed"] and "sampling fell over" in outputs[0].error
+    assert engine.scheduler.find("newcomer").scale == 0 and engine.cache_stats()["used_pages"] == 0
+    outputs = run_to_end(engine)
+    np.testing.assert_array_equal(np.asarray(outputs["newcomer"].image), expected)
+    assert_clean(engine)
+
+
 def test_metrics_report_measured_pages(engine: Engine) -> None:
     params = SamplingParams(size=SMALL, seed=4)
     out = engine.generate("metrics", params, use_tqdm=False)[0]
@@ -297,9 +355,9 @@ def test_seed_none_draws_and_reports_a_seed(engine: Engine) -> None:
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_steps_never_wait_for_the_device_on_cuda(policy: str, cuda_graphs: bool) -> None:
     """No step synchronises with the device (an implicit copy, `.item()`, a mask index...) except to read
-    images back, whose wait `collect` places after the next step is queued, and in the text encoder of a step
-    that admits prompts of different lengths (transformers' T5 reads its padding mask on the host): eager steps,
-    and CUDA graph replays (of the shapes a first, unchecked pass captured)."""
+    images back, whose wait `collect` places after the next step is queued (the text encoder, given prompts of
+    different lengths, runs them unpadded: a padding mask made transformers' T5 read it on the host): eager
+    steps, and CUDA graph replays (of the shapes a first, unchecked pass captured)."""
     import torch
 
     engine = Engine("test-small", device="cuda", kv_policy=policy, kv_budget=0.3 if policy == "scalekv" else 1.0,
@@ -315,7 +373,6 @@ def test_steps_never_wait_for_the_device_on_cuda(policy: str, cuda_graphs: bool)
         return call
 
     engine.runner.collect = allowed(engine.runner.collect)
-    engine.runner.text_encoder.encode = allowed(engine.runner.text_encoder.encode)
     for checked in ([False, True] if cuda_graphs else [True]):
         for i, size in enumerate(("512x512", TALL, SMALL)):  # 512x512's last scale takes gathered cuDNN
             engine.add_request(f"image {i}", SamplingParams(size=size, seed=i))

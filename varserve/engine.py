@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from varserve.cache.allocator import BlockAllocator
-from varserve.cache.block_manager import BlockManager
+from varserve.cache.block_manager import BlockManager, StepPages
 from varserve.cache.policy import KVPlan, make_policy
 from varserve.config import EngineConfig
 from varserve.model_runner import ModelRunner
@@ -84,6 +84,10 @@ class Engine:
         self._plans: dict[tuple[str, int], tuple[KVPlan, np.ndarray]] = {}
         self._outbox: deque[ImageOutput] = deque()
         self._decoding: dict[str, Request] = {}  # every scale ran; the image is on its way to the host
+        # The next step, scheduled and planned while the device ran the last one (requests aborted since then
+        # still run with it, then go), and requests whose device state goes once the current step is launched.
+        self._next: tuple[list[Request], StepPages] | None = None
+        self._ending: list[Request] = []
         self._log_capacity()
 
     # ---- requests -------------------------------------------------------------------------------------
@@ -92,7 +96,7 @@ class Engine:
     ) -> str:
         """Queue one image; returns its request id. ValueError for input that can never run."""
         params, request_id = checked_request(prompt, params, request_id, priority, self.default_params)
-        if self.scheduler.find(request_id) is not None or request_id in self._decoding:
+        if self.scheduler.find(request_id) is not None or request_id in self._decoding or self._planned(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         self.runner.check_prompt(prompt, params.negative_prompt)
         req = self._make_request(request_id, prompt, params, priority)
@@ -119,12 +123,26 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request at any time and free everything it holds (its image is dropped if it is being decoded).
-        False if it is unknown or done."""
+        False if it is unknown or done. A running request is in the step planned for next: its rows still run
+        with that step (the other requests' pages are planned around them), then its pages go; at once if no
+        other request is left in that step."""
         req = self.scheduler.find(request_id) or self._decoding.pop(request_id, None)
         if req is None:
             return False
-        self._release(req, RequestStatus.ABORTED)
+        if self._next is None or req not in self._next[0]:
+            self._release(req, RequestStatus.ABORTED)
+        else:
+            self.scheduler.finish(req, RequestStatus.ABORTED)
+            if all(r.status is RequestStatus.ABORTED for r in self._next[0]):
+                for planned in self._next[0]:
+                    self._release(planned, RequestStatus.ABORTED)
+                self._next = None
+        self._end_device_states()
         return True
+
+    def _planned(self, request_id: str) -> bool:
+        """Whether an aborted request with this id still waits to run with the planned step."""
+        return self._next is not None and any(r.request_id == request_id for r in self._next[0])
 
     def has_unfinished_requests(self) -> bool:
         """Whether a request is queued, running or being decoded, or has ended with its output not yet returned
@@ -137,21 +155,70 @@ class Engine:
         with `error` set and no image) since the last call returned (e.g. while `generate` ran other requests).
         An image comes back from the step after the one that ran its last scale when other requests are running
         (its decode and copy to the host then overlap that next step: waiting for the device would leave it idle
-        while the host plans the next step), else from the same step."""
-        reqs = self._schedule()
+        while the host plans the next step), else from the same step.
+
+        The next step is scheduled and its pages planned while the device runs this one's transformer (so a
+        request added now joins the step after next)."""
+        reqs, pages = self._next or self._schedule_now()
+        self._next = None
         outputs = list(self._outbox)
         self._outbox.clear()
         if reqs:
             try:
-                done = set(self.runner.execute(reqs, self.block_manager))
+                self.runner.execute(reqs, pages, launched=lambda: self._advance(reqs))
             except Exception as exc:  # the step's device state is unusable: fail its requests, keep serving
                 logger.exception("step failed; failing its %d requests", len(reqs))
-                return outputs + [self._fail(r, f"{type(exc).__name__}: {exc}") for r in reqs]
-            for req in reqs:
-                self._after_scale(req)
-                if req.request_id in done:
-                    self._end_scales(req)
+                outputs += self._fail_step(reqs, f"{type(exc).__name__}: {exc}")
+                self._end_device_states()
+                return outputs
+        self._end_device_states()
         return outputs + self._collect()
+
+    def _schedule_now(self) -> tuple[list[Request], StepPages | None]:
+        reqs = self._schedule()
+        return reqs, self.runner.plan(reqs, self.block_manager) if reqs else None
+
+    def _advance(self, reqs: list[Request]) -> None:
+        """Once the step's transformer is queued on the device: its host bookkeeping (requests past their last
+        scale give their pages back, aborted ones go), then the next step's schedule and pages, planned while
+        the device works (planned after the step, a large step's tens of ms of planning left it idle)."""
+        for req in reqs:
+            if req.status is RequestStatus.ABORTED:
+                self.block_manager.release(req)
+                self._ending.append(req)
+                continue
+            self._after_scale(req)
+            if req.scale == req.schedule.num_scales:
+                self.block_manager.release(req)
+                self.scheduler.finish(req, RequestStatus.DECODING)
+                self._decoding[req.request_id] = req
+                self._ending.append(req)
+        planned = self._schedule_now()
+        self._next = planned if planned[0] else None
+
+    def _end_device_states(self) -> None:
+        """Device states of the requests that ended (decoded, aborted, failed, preempted) go, with the images in
+        flight of those that end without one; called once no step being launched needs them."""
+        for req in self._ending:
+            if req.status in (RequestStatus.ABORTED, RequestStatus.FAILED):
+                self.runner.discard(req.request_id)
+            self.runner.release(req.request_id)
+        self._ending.clear()
+
+    def _fail_step(self, reqs: list[Request], error: str) -> list[ImageOutput]:
+        """Fail a step's requests (aborted ones end quietly); requests admitted into the next step, which never ran,
+        wait again from their first scale."""
+        self._next = None
+        for req in [r for r in self.scheduler.running if r not in reqs]:
+            self.block_manager.release(req)
+            self.scheduler.requeue(req)
+        for req in reqs:
+            self._decoding.pop(req.request_id, None)
+        outputs = [self._fail(r, error) for r in reqs if r.status is not RequestStatus.ABORTED]
+        for req in reqs:
+            if req.status is RequestStatus.ABORTED:
+                self._release(req, RequestStatus.ABORTED)
+        return outputs
 
     def _schedule(self) -> list[Request]:
         reqs = self.scheduler.schedule()
@@ -161,7 +228,8 @@ class Engine:
                 return []
             victim = max(self.scheduler.running, key=Request.sort_key)
             logger.warning("preempting %s (recompute once a running request ends): pages do not fit", victim.request_id)
-            self._free(victim)
+            self.block_manager.release(victim)
+            self._ending.append(victim)  # its device state may still serve the step being launched
             self.scheduler.preempt(victim)
             reqs = self.scheduler.schedule(admit=False)
         now = time.monotonic()
@@ -174,12 +242,6 @@ class Engine:
     def _after_scale(self, req: Request) -> None:
         req.page_samples.append(self.block_manager.pages_held(req))
         req.scale += 1
-
-    def _end_scales(self, req: Request) -> None:
-        """Its last scale ran: its pages go back to the pool now, its image follows from `_collect`."""
-        self._free(req)
-        self.scheduler.finish(req, RequestStatus.DECODING)
-        self._decoding[req.request_id] = req
 
     def _collect(self) -> list[ImageOutput]:
         """Outputs of the decoded images that reached the host (all of them when nothing else will run)."""
@@ -206,15 +268,11 @@ class Engine:
                            finish_reason="failed", error=error)
 
     def _release(self, req: Request, status: RequestStatus) -> None:
-        """End a request without an image (aborted, failed): its pages, device state and image in flight go."""
-        self._free(req)
-        self.runner.discard(req.request_id)
-        self.scheduler.finish(req, status)
-
-    def _free(self, req: Request) -> None:
-        """Give back a request's pages and device state."""
+        """End a request without an image (aborted, failed): its pages go now, its device state and image in
+        flight with `_end_device_states`."""
         self.block_manager.release(req)
-        self.runner.release(req.request_id)
+        self._ending.append(req)
+        self.scheduler.finish(req, status)
 
     def _metrics(self, req: Request) -> ImageMetrics:
         page_bytes = self.runner.page_bytes

@@ -174,37 +174,46 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def execute(self, reqs: list[Request], blocks: BlockManager) -> list[str]:
-        """Run the next scale of every request; return the ids of those whose last scale ran. Their images are
-        decoded and copied to the host without waiting for the device: `collect` hands them over."""
+    def execute(self, reqs: list[Request], pages: StepPages, launched: Callable[[], None] = lambda: None) -> None:
+        """Run the next scale of every request on its planned pages (`plan`). `launched` is called once the
+        transformer's kernels are queued, before sampling: the engine plans the next step then, while the device
+        is busy. Finished images are decoded and copied to the host without waiting for the device: `collect`
+        hands them over."""
         self.steps += 1
-        # large rows first and contiguous (attention slices them), requests of one shape together (sampling runs)
-        reqs = sorted(reqs, key=lambda r: (-r.scale_tokens, r.schedule.name, r.scale))
+        order = self._order(reqs)
         self._lap(begin={r.scale for r in reqs})
-        new = [r for r in reqs if r.request_id not in self.states]
+        new = [r for r in order if r.request_id not in self.states]
         texts = self._encode(new) if new else None
         self._lap()
         if new:
             self._start(new, *texts)
-        states = [self.states[r.request_id] for r in reqs]
-        logits = self._forward(reqs, states, self._plan(reqs, blocks))
+        states, scales = [self.states[r.request_id] for r in order], [r.scale for r in order]
+        logits = self._forward(order, states, pages)
+        launched()
         self._lap()
-        finished = self._sample(reqs, states, logits)
+        finished = self._sample(order, scales, states, logits)
         self._lap()
         self._decode(finished)
         self._lap()
-        return [r.request_id for r in finished]
 
-    def _sample(self, reqs: list[Request], states: list[RequestState], logits: Tensor) -> list[Request]:
-        """Sample every request's scale and prepare its next input, a run of requests at the same scale of the same
-        size and params at a time (a few kernels per run, not per request: ~30 launches each otherwise, which
-        kept the host busy while the device idled); return the requests whose last scale this was."""
+    @staticmethod
+    def _order(reqs: list[Request]) -> list[Request]:
+        """The step's row order: large rows first and contiguous (attention slices them), requests of one shape
+        together (sampling runs)."""
+        return sorted(reqs, key=lambda r: (-r.scale_tokens, r.schedule.name, r.scale))
+
+    def _sample(self, reqs: list[Request], scales: list[int], states: list[RequestState], logits: Tensor
+                ) -> list[Request]:
+        """Sample every request's scale (`scales`: the engine may have moved `Request.scale` on by now) and prepare
+        its next input, a run of requests at the same scale of the same size and params at a time (a few kernels
+        per run, not per request: ~30 launches each otherwise, which kept the host busy while the device idled);
+        return the requests whose last scale this was."""
         start, finished = 0, []
-        runs = itertools.groupby(zip(reqs, states), key=lambda rs: (rs[0].schedule, rs[0].scale, rs[0].rows,
-                                                                      rs[0].sampling))
+        runs = itertools.groupby(zip(reqs, scales, states), key=lambda rs: (rs[0].schedule, rs[1], rs[0].rows,
+                                                                            rs[0].sampling))
         for (schedule, scale, rows, sampling), run in runs:
-            group, group_states = zip(*run)
-            n = group[0].scale_tokens * len(group)
+            group, _, group_states = zip(*run)
+            n = rows * schedule.tokens[scale] * len(group)
             bits = sample_scale(logits[start : start + n], rows, sampling, [s.generator for s in group_states])
             summed = None if group_states[0].summed is None else torch.cat([s.summed for s in group_states])
             summed, x = advance(self.model, self.vae, summed, bits, schedule, scale, rows)
@@ -234,19 +243,20 @@ class ModelRunner:
             readback.request_ids = [None if rid == request_id else rid for rid in readback.request_ids]
         self.readbacks = [r for r in self.readbacks if any(rid is not None for rid in r.request_ids)]
 
-    def _plan(self, reqs: list[Request], blocks: BlockManager) -> StepPages:
-        """The step's page tables. On CUDA they are planned straight into pinned memory and uploaded from there
-        (tens of MB a step: a staging copy and fresh pageable memory each step kept the host planning while
-        the device idled)."""
+    def plan(self, reqs: list[Request], blocks: BlockManager) -> StepPages:
+        """The step's page tables, rows in `execute`'s order. On CUDA they are planned straight into pinned memory
+        and uploaded from there (tens of MB a step: a staging copy and fresh pageable memory each step kept the
+        host planning while the device idled)."""
+        order = self._order(reqs)
         if self.device.type != "cuda":
-            return blocks.plan_step(reqs)
+            return blocks.plan_step(order)
         pinned: list[Tensor] = []
 
         def empty(shape: tuple[int, ...]) -> np.ndarray:
             pinned.append(torch.empty(shape, dtype=torch.int32, pin_memory=True))
             return pinned[-1].numpy()
 
-        pages = blocks.plan_step(reqs, empty)
+        pages = blocks.plan_step(order, empty)
         return replace(pages, block_tables=pinned[0])
 
     def _forward(self, reqs: list[Request], states: list[RequestState], pages: StepPages) -> Tensor:

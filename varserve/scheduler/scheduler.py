@@ -92,10 +92,14 @@ class Scheduler:
     def preempt(self, req: Request) -> None:
         """Recompute-only preemption: the request starts again from scale 0 (same seed, same image), once a
         running request has ended."""
-        self.running.remove(req)
-        req.scale, req.status, req.peak_pages, req.page_samples = 0, RequestStatus.WAITING, 0, []
+        self.requeue(req)
         req.num_preemptions += 1
         req.held_back = True
+
+    def requeue(self, req: Request) -> None:
+        """A running request waits again, in its place, to start from scale 0 (its pages must be gone)."""
+        self.running.remove(req)
+        req.scale, req.status, req.peak_pages, req.page_samples = 0, RequestStatus.WAITING, 0, []
         bisect.insort(self.waiting, req, key=Request.sort_key)
 
     def find(self, request_id: str) -> Request | None:
