@@ -26,8 +26,8 @@ from varserve.model_runner import ModelRunner
 
 HOST_LABEL = "host:"
 TRACED = {  # the host functions a gap is attributed to
-    Engine: ("_schedule", "_collect", "_end_scales"),
-    ModelRunner: ("_encode", "_plan", "_forward", "_sample", "_decode", "collect"),
+    Engine: ("_schedule", "_collect", "_advance"),
+    ModelRunner: ("_encode", "plan", "_forward", "_sample", "_decode", "collect"),
     BlockManager: ("plan_step",),
 }
 

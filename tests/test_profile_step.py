@@ -35,3 +35,9 @@ def test_largest_gaps_and_the_host_spans_inside_them() -> None:
     assert profile_step.largest_gaps(merged, 5) == [(6.0, 4.0), (3.0, 2.0)]
     host = [(5.5, 9.0, "host:plan_step"), (0.0, 1.0, "host:_decode"), (8.0, 12.0, "host:_forward")]
     assert profile_step.spans_during(host, 6.0, 10.0) == [("host:plan_step", 3.0), ("host:_forward", 2.0)]
+
+
+def test_every_traced_host_function_exists() -> None:
+    """A renamed engine function must not break the profiler's tracing on the GPU."""
+    for cls, names in profile_step.TRACED.items():
+        assert all(callable(getattr(cls, name, None)) for name in names), cls.__name__
