@@ -134,6 +134,20 @@ def test_the_next_step_is_planned_while_this_one_runs(engine: Engine, monkeypatc
     assert planned == [True] * (len(params.schedule.scales) - 1) + [False]
 
 
+def test_a_request_queues_until_its_first_step_runs_not_until_it_is_planned() -> None:
+    """Queue time (and so latency from the first step) ends when the step that runs it starts."""
+    engine = Engine("test-small", num_pages=4096, max_num_seqs=1)
+    for name in ("first", "second"):
+        engine.add_request(name, SamplingParams(size=SMALL, seed=5), request_id=name)
+    second = engine.scheduler.find("second")
+    while not engine._next or second not in engine._next[0]:
+        engine.step()
+    assert second.tables is not None and second.first_scheduled_time is None  # planned, not run yet
+    engine.step()
+    assert second.first_scheduled_time is not None and second.scale == 1
+    assert "second" in run_to_end(engine)
+
+
 def test_a_request_aborted_after_its_next_step_was_planned_runs_with_it_then_goes(engine: Engine) -> None:
     kept, dropped = SamplingParams(size=SMALL, seed=33), SamplingParams(size=TALL, seed=34)
     expected = dense_image(engine, "kept", kept)

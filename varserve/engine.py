@@ -161,6 +161,9 @@ class Engine:
         request added now joins the step after next)."""
         reqs, pages = self._next or self._schedule_now()
         self._next = None
+        now = time.monotonic()
+        for req in reqs:  # queued until now: its first step starts (it may have been planned one step earlier)
+            req.first_scheduled_time = req.first_scheduled_time or now
         outputs = list(self._outbox)
         self._outbox.clear()
         if reqs:
@@ -232,11 +235,9 @@ class Engine:
             self._ending.append(victim)  # its device state may still serve the step being launched
             self.scheduler.preempt(victim)
             reqs = self.scheduler.schedule(admit=False)
-        now = time.monotonic()
         for req in reqs:
             if req.tables is None:
                 self.block_manager.start(req)
-                req.first_scheduled_time = req.first_scheduled_time or now
         return reqs
 
     def _after_scale(self, req: Request) -> None:
