@@ -187,15 +187,12 @@ class Engine:
         the device works (planned after the step, a large step's tens of ms of planning left it idle)."""
         for req in reqs:
             if req.status is RequestStatus.ABORTED:
-                self.block_manager.release(req)
-                self._ending.append(req)
+                self._release(req, RequestStatus.ABORTED)
                 continue
             self._after_scale(req)
             if req.scale == req.schedule.num_scales:
-                self.block_manager.release(req)
-                self.scheduler.finish(req, RequestStatus.DECODING)
+                self._release(req, RequestStatus.DECODING)
                 self._decoding[req.request_id] = req
-                self._ending.append(req)
         planned = self._schedule_now()
         self._next = planned if planned[0] else None
 
@@ -215,12 +212,13 @@ class Engine:
         for req in [r for r in self.scheduler.running if r not in reqs]:
             self.block_manager.release(req)
             self.scheduler.requeue(req)
+        outputs = []
         for req in reqs:
             self._decoding.pop(req.request_id, None)
-        outputs = [self._fail(r, error) for r in reqs if r.status is not RequestStatus.ABORTED]
-        for req in reqs:
             if req.status is RequestStatus.ABORTED:
                 self._release(req, RequestStatus.ABORTED)
+            else:
+                outputs.append(self._fail(req, error))
         return outputs
 
     def _schedule(self) -> list[Request]:
@@ -269,8 +267,8 @@ class Engine:
                            finish_reason="failed", error=error)
 
     def _release(self, req: Request, status: RequestStatus) -> None:
-        """End a request without an image (aborted, failed): its pages go now, its device state and image in
-        flight with `_end_device_states`."""
+        """A request leaves the running set (decoding, aborted, failed): its pages go now, its device state (and,
+        unless it is decoding, its image in flight) with `_end_device_states`."""
         self.block_manager.release(req)
         self._ending.append(req)
         self.scheduler.finish(req, status)
