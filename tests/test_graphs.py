@@ -247,6 +247,34 @@ def test_captured_steps_draw_what_eager_steps_draw_on_cuda() -> None:
     assert Engine("test-small", device="cuda", attention_backend="varlen_fa2", num_pages=100).runner.graphs is None
 
 
+@pytest.mark.gpu
+def test_a_failed_capture_runs_its_shape_eagerly_and_leaves_the_device_as_it_was(monkeypatch) -> None:
+    """A capture that fails (here: a device sync inside it) used to leave the default CUDA generator in capture
+    mode, so every random op after it raised, the graph pool recording, so every later capture failed too, and the
+    capture stream current. Now that shape runs eagerly, later shapes are captured, and the images equal the eager
+    engine's."""
+    options = dict(device="cuda", num_pages=40000, page_size=16, max_num_seqs=8)
+    want = run(Engine("test-small", cuda_graphs=False, **options), staggered=False)
+    forward, failed = infinity.Infinity.forward, []
+
+    def fail_first_capture(self, *args):
+        if torch.cuda.is_current_stream_capturing() and not failed:
+            failed.append(True)
+            torch.cuda.synchronize()  # not allowed while capturing: raises, and the capture is invalidated
+        return forward(self, *args)
+
+    monkeypatch.setattr(infinity.Infinity, "forward", fail_first_capture)
+    engine = Engine("test-small", **options)
+    images = run(engine, staggered=False)
+    graphs = engine.runner.graphs
+    assert failed and len(graphs.refused) == 1
+    assert graphs.graphs and all(g.graph is not None for g in graphs.graphs.values())
+    assert torch.randn(4, device="cuda").isfinite().all()
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    for prompt, image in images.items():
+        np.testing.assert_array_equal(image, want[prompt], err_msg=prompt)
+
+
 POLICY_PASSES = [[*JOBS[::2], *AGAIN[::2]], [("a cow", 9, 0), ("a hat", 10, 0), ("a bird", 11, 0), ("a box", 12, 0)]]
 
 

@@ -53,9 +53,10 @@ class StepGraphs:
     AdaLN rows, text K/V: the text buffer grows, dropping the graphs, when a shape needs more) and their
     activations share one memory pool. The first step of a shape runs eagerly (the warm-up: Triton compiles,
     cuBLAS and cuDNN pick their kernels) and gives the step's logits; the capture that follows runs nothing.
-    A shape whose capture fails runs eagerly from then on, with a warning. Their memory (the input buffers, the
-    text buffer from 128 MiB on Infinity-2B, and the pool of the largest captured step) comes out of the margin
-    the KV pool's sizing leaves over the profiled largest step (model_runner.ACTIVATION_MARGIN)."""
+    A shape whose capture fails runs eagerly from then on, with a warning; later shapes capture into a new pool.
+    Their memory (the input buffers, the text buffer from 128 MiB on Infinity-2B, and the pool of the largest
+    captured step) comes out of the margin the KV pool's sizing leaves over the profiled largest step
+    (model_runner.ACTIVATION_MARGIN)."""
 
     def __init__(self, model: Infinity, pool: KVPool, backend: str, capture: bool):
         self.model, self.pool, self.backend, self.capture = model, pool, backend, capture
@@ -171,18 +172,33 @@ class StepGraphs:
 
     def _capture(self, key: tuple, step: _StepGraph) -> bool:
         """Record the step's kernels (nothing runs); False, with a warning, if the capture fails."""
-        graph = torch.cuda.CUDAGraph()
+        graph, device = torch.cuda.CUDAGraph(), step.x.device
+        rng, stream = torch.cuda.default_generators[device.index], torch.cuda.current_stream()
+        rng_state = rng.clone_state()
         try:
             with torch.cuda.graph(graph, pool=self.mempool):
                 step.logits = self.model(step.x, step.batch, step.kv)
         except Exception as exc:  # the step already ran (the warm-up): only later steps of this shape run eagerly
             self.refused.add(key)
-            logger.warning("cuda_graphs: capturing a %d-token step failed (%s); steps of its shape run eagerly",
-                           step.x.shape[0], exc)
+            self.mempool = _undo_failed_capture(rng, rng_state, stream)
+            first = exc.__context__ or exc  # the error inside the capture, when ending the capture raised after it
+            logger.warning("cuda_graphs: capturing a %d-token step failed (%s: %s); steps of its shape run eagerly",
+                           step.x.shape[0], type(first).__name__, str(first).splitlines()[0] if str(first) else "")
             return False
         step.graph = graph
         logger.info("captured a CUDA graph of a %d-token step (%d graphs)", step.x.shape[0], len(self.graphs) + 1)
         return True
+
+
+def _undo_failed_capture(rng: torch.Generator, rng_state: torch.Generator, stream: torch.cuda.Stream) -> tuple:
+    """A capture that fails inside `torch.cuda.graph` ends the stream capture and nothing else (capture_end raises
+    first), which measured on torch 2.11: the default CUDA generator stays in capture mode, so every later random
+    op on the device raises ("Offset increment outside graph capture"); the graph pool stays marked as recording,
+    so every later capture into it raises; the capture stream stays the current stream. Give the generator its
+    state from before, the caller its stream back, and later captures a new pool (returned)."""
+    rng.graphsafe_set_state(rng_state)
+    torch.cuda.set_stream(stream)
+    return torch.cuda.graph_pool_handle()
 
 
 def _heads_equal(req: Request, layer: int) -> bool:
