@@ -90,9 +90,25 @@ def run(engine: Engine, prompts: list[str], params: SamplingParams) -> tuple[flo
     return time.perf_counter() - start, scales
 
 
+def is_device_work(event) -> bool:
+    """Kernels, copies and memsets. Device-side ranges of record_function labels (the steps, the traced host
+    functions) span their kernels and the gaps between them, so counting them hid most of the idle time; CUPTI's
+    "Command Buffer Full" marks the host waiting for room in the launch queue."""
+    return event.device_type.name == "CUDA" and not event.is_user_annotation and event.name != "Command Buffer Full"
+
+
+def gap_histogram(merged: np.ndarray) -> str:
+    """Idle time between busy intervals by gap length: many short gaps mean kernels outran their launches."""
+    gaps = merged[1:, 0] - merged[:-1, 1]
+    edges = [0, 20, 100, 1000, 10000, np.inf]  # microseconds
+    bins = [(lo, hi, gaps[(gaps >= lo) & (gaps < hi)]) for lo, hi in zip(edges[:-1], edges[1:])]
+    parts = [f"{lo:g}-{hi:g} us: {len(g)} gaps, {g.sum() / 1e6:.3f} s" for lo, hi, g in bins]
+    return "idle by gap length: " + "; ".join(parts)
+
+
 def report(prof: profile, scales: list[list[int]], top_gaps: int) -> None:
     events = prof.events()
-    kernels = merge_intervals([(e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA"])
+    kernels = merge_intervals([(e.time_range.start, e.time_range.end) for e in events if is_device_work(e)])
     cpu = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type.name == "CPU"]
     steps = sorted((s, e) for s, e, name in cpu if name.startswith("step "))
     bounds = [s for s, _ in steps] + [float(kernels[-1, 1])]
@@ -104,6 +120,7 @@ def report(prof: profile, scales: list[list[int]], top_gaps: int) -> None:
         print(f"{i:>4} {str(ran)[:28]:28} {(e - s) / 1e3:8.1f} {window / 1e3:9.1f} {busy / 1e3:8.1f} "
               f"{(window - busy) / 1e3:8.1f}")
     print(f"device idle {idle / 1e6:.3f} s of {(bounds[-1] - bounds[0]) / 1e6:.3f} s")
+    print(gap_histogram(kernels))
     host = [span for span in cpu if span[2].startswith(HOST_LABEL)]
     for start, length in largest_gaps(kernels, top_gaps):
         inside = ", ".join(f"{name[len(HOST_LABEL):]} {overlap / 1e3:.0f} ms"

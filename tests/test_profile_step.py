@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -41,3 +42,22 @@ def test_every_traced_host_function_exists() -> None:
     """A renamed engine function must not break the profiler's tracing on the GPU."""
     for cls, names in profile_step.TRACED.items():
         assert all(callable(getattr(cls, name, None)) for name in names), cls.__name__
+
+
+def test_only_kernels_copies_and_memsets_count_as_device_work() -> None:
+    """The device-side ranges of record_function labels span idle gaps: counting them hid most of the idle time."""
+    def event(device: str, name: str, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(device_type=SimpleNamespace(name=device), name=name, is_user_annotation=annotation)
+
+    assert profile_step.is_device_work(event("CUDA", "nvjet_sm90_tst_192x192"))
+    assert profile_step.is_device_work(event("CUDA", "Memcpy HtoD (Pinned -> Device)"))
+    assert not profile_step.is_device_work(event("CUDA", "step 3", annotation=True))
+    assert not profile_step.is_device_work(event("CUDA", "Command Buffer Full"))
+    assert not profile_step.is_device_work(event("CPU", "aten::mm"))
+
+
+def test_gap_histogram_bins_idle_time_by_gap_length() -> None:
+    merged = profile_step.merge_intervals([(0, 10), (15, 20), (70, 80), (580, 590), (30590, 30600)])
+    text = profile_step.gap_histogram(merged)
+    for part in ("0-20 us: 1 gaps", "20-100 us: 1 gaps", "100-1000 us: 1 gaps", "10000-inf us: 1 gaps, 0.030 s"):
+        assert part in text, text
