@@ -38,6 +38,55 @@ def test_triton_cosine_qkv_matches_eager(heads: int, dim: int) -> None:
         assert rel_error(a, b) < 1e-2
 
 
+def page_inputs(tokens: int, heads: int, dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random pools and distinct random slots [tokens, heads] for the new K/V (page 0 included: no page is special
+    to the write)."""
+    g = torch.Generator(device="cpu").manual_seed(2)
+    page_size = 16
+    num_pages = -(-tokens * heads // page_size) + 3
+    k_pages, v_pages = (torch.randn(num_pages, page_size, dim, generator=g).to(device, torch.bfloat16) for _ in "kv")
+    slots = torch.randperm(num_pages * page_size, generator=g)[: tokens * heads].view(tokens, heads)
+    return k_pages, v_pages, slots.to(device)
+
+
+def check_page_write(fast: tuple, slow: tuple, pages: tuple, before: tuple) -> None:
+    """`fast` wrote k and v into `pages`; `slow` returned them: the pages hold exactly slow's k, v at the slots
+    and are unchanged elsewhere."""
+    (k_pages, v_pages, slots), q = pages, fast[0]
+    assert fast[1] is None and fast[2] is None and torch.equal(q, slow[0])
+    for pool, old, new in ((k_pages, before[0], slow[1]), (v_pages, before[1], slow[2])):
+        expected = old.clone()
+        expected.view(-1, old.shape[-1])[slots.reshape(-1)] = new.reshape(-1, old.shape[-1]).to(old.dtype)
+        assert torch.equal(pool, expected)
+
+
+def test_cosine_qkv_writes_k_and_v_into_their_page_slots() -> None:
+    args = qkv_inputs(301, 4, 32, "cpu")
+    pages = page_inputs(301, 4, 32, "cpu")
+    before = (pages[0].clone(), pages[1].clone())
+    check_page_write(fused.cosine_qkv(*args, torch.bfloat16, pages), fused.cosine_qkv(*args, torch.bfloat16), pages,
+                     before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, dim", [(16, 128), (4, 32)])
+def test_triton_cosine_qkv_writes_pages_bit_for_bit_as_its_outputs(heads: int, dim: int) -> None:
+    """The kernel's page write stores what it returns without pages (which the eager comparison above checks)."""
+    args, pages = qkv_inputs(1365, heads, dim, "cuda"), page_inputs(1365, heads, dim, "cuda")
+    before = (pages[0].clone(), pages[1].clone())
+    check_page_write(fused.cosine_qkv(*args, torch.bfloat16, pages), fused.cosine_qkv(*args, torch.bfloat16), pages,
+                     before)
+
+
+@pytest.mark.skipif(fused.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="checks the Triton kernels on CPU only under TRITON_INTERPRET=1 with triton installed")
+def test_cosine_qkv_page_write_in_interpreter() -> None:
+    args, pages = qkv_inputs(45, 4, 32, "cpu"), page_inputs(45, 4, 32, "cpu")
+    before = (pages[0].clone(), pages[1].clone())
+    check_page_write(fused._cosine_qkv_triton(*args, torch.bfloat16, pages),
+                     fused._cosine_qkv_triton(*args, torch.bfloat16, None), pages, before)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("width", [256, 200])  # 200: a row the kernels cover with a masked power-of-2 block
 def test_row_kernels_match_eager(width: int) -> None:
@@ -86,7 +135,7 @@ def test_row_kernels_in_interpreter(width: int) -> None:
                   fused.ln_modulate.__wrapped__(x, gamma, shift, rows, 1e-6, torch.float32)))
     qkv, q_bias, v_bias, q_scale, cos, sin = qkv_inputs(41, 4, 32, "cpu")
     args = (qkv.float(), q_bias.float(), v_bias.float(), q_scale, cos, sin, torch.float32)
-    pairs += zip(fused._cosine_qkv_triton(*args), fused.cosine_qkv_eager(*args))
+    pairs += zip(fused._cosine_qkv_triton(*args, None), fused.cosine_qkv_eager(*args))
     for fast, slow in pairs:
         assert fast.shape == slow.shape and rel_error(fast, slow) < 1e-6
 

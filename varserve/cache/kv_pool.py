@@ -90,10 +90,17 @@ class PagedKV:
     def wants_raw_query(self, layer: int) -> bool:
         return any(isinstance(r.plan.cut(r.scale, layer), ScoredCut) for r in self.reqs)
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
+    def page_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Where the layer's new K/V go: (k_pages, v_pages, slots [T, H]), for the model to write them there."""
+        slots = slot_mapping(self.block_tables[layer], self.history[layer], self.tokens, self.pool.page_size)
+        return self.pool.k_pages, self.pool.v_pages, slots
+
+    def attend(self, layer: int, q: Tensor, k: Tensor | None, v: Tensor | None, raw_q: Tensor | None) -> Tensor:
+        """k, v: the layer's new K/V, or None when the model wrote them through `page_slots`."""
+        if k is not None:
+            k_pages, v_pages, slots = self.page_slots(layer)
+            write_kv(k_pages, v_pages, k, v, slots)
         table = self.block_tables[layer]
-        slots = slot_mapping(table, self.history[layer], self.tokens, self.pool.page_size)
-        write_kv(self.pool.k_pages, self.pool.v_pages, k, v, slots)
         out = self._attention(layer, q, table)
         self._compact(layer, table, raw_q)
         return out

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from varserve.attention import write_kv
+
 try:
     import triton
     import triton.language as tl
@@ -24,6 +26,7 @@ except ImportError:  # CPU machines: the eager path runs
     triton = None
 
 logger = logging.getLogger("varserve")
+PageSlots = tuple[Tensor, Tensor, Tensor]  # (k_pages, v_pages [N, page_size, d], slots [T, H] int64): where K/V go
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -224,15 +227,21 @@ def _group_affine(sums: Tensor, m2s: Tensor, pixels: int, groups: int, weight: T
 
 
 def cosine_qkv(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Tensor, cos: Tensor, sin: Tensor,
-               dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+               dtype: torch.dtype, pages: PageSlots | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """qkv [T, 3, H, d] (no bias) -> q, k, v [T, H, d]: biases, L2-normalised q (times the per-head scale
-    q_scale [H, 1]) and k in q_scale's precision, 2D RoPE on both, cast to dtype. On CUDA one Triton
-    program per token does it all (torch.compile's fusion of this ran ~8x under memory bandwidth)."""
+    q_scale [H, 1]) and k in q_scale's precision, 2D RoPE on both, cast to dtype. With `pages` (k_pages,
+    v_pages [N, page_size, d], slots [T, H] int64 flat slots) k and v go straight into their pages (in the
+    pages' dtype) and come back as None. On CUDA one Triton program per token does it all (torch.compile's
+    fusion of this ran ~8x under memory bandwidth; the page write saves writing k and v once more)."""
     half = qkv.shape[-1] // 2
     fits_kernel = half & (half - 1) == 0 and q_scale.dtype == torch.float32  # power-of-2 pairs, fp32 math
-    if fits_kernel and _kernels_on(qkv, q_bias, v_bias, q_scale):
-        return _cosine_qkv_triton(qkv, q_bias, v_bias, q_scale, cos, sin, dtype)
-    return cosine_qkv_eager(qkv, q_bias, v_bias, q_scale, cos, sin, dtype)
+    if fits_kernel and _kernels_on(qkv, q_bias, v_bias, q_scale, *(pages or ())):
+        return _cosine_qkv_triton(qkv, q_bias, v_bias, q_scale, cos, sin, dtype, pages)
+    q, k, v = cosine_qkv_eager(qkv, q_bias, v_bias, q_scale, cos, sin, dtype)
+    if pages is None:
+        return q, k, v
+    write_kv(*pages[:2], k, v, pages[2])
+    return q, None, None
 
 
 def cosine_qkv_eager(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Tensor, cos: Tensor, sin: Tensor,
@@ -245,15 +254,21 @@ def cosine_qkv_eager(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Tenso
 
 
 def _cosine_qkv_triton(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Tensor, cos: Tensor, sin: Tensor,
-                       dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+                       dtype: torch.dtype, pages: PageSlots | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     T, _, H, d = qkv.shape
     qkv = qkv.contiguous()
-    q, k, v = (torch.empty(T, H, d, dtype=dt, device=qkv.device) for dt in (dtype, dtype, qkv.dtype))
+    q = torch.empty(T, H, d, dtype=dtype, device=qkv.device)
+    if pages is None:
+        k, v, slots = torch.empty_like(q), torch.empty(T, H, d, dtype=qkv.dtype, device=qkv.device), q
+    else:
+        k, v, slots = pages[0], pages[1], pages[2].contiguous()
+        if not (k.is_contiguous() and v.is_contiguous() and k.shape[-1] == d and slots.shape == (T, H)):
+            raise ValueError(f"cosine_qkv: pages must be contiguous [N, page_size, {d}] and slots [{T}, {H}]")
     _cosine_qkv_kernel[(T,)](
         qkv, q_bias.contiguous(), v_bias.contiguous(), q_scale.reshape(H).float().contiguous(),
-        cos.float().contiguous(), sin.float().contiguous(), q, k, v,
-        HEADS=H, HALF=d // 2, BLOCK_H=triton.next_power_of_2(H), num_warps=4)
-    return q, k, v
+        cos.float().contiguous(), sin.float().contiguous(), q, k, v, slots,
+        HEADS=H, HALF=d // 2, BLOCK_H=triton.next_power_of_2(H), PAGED=pages is not None, num_warps=4)
+    return (q, k, v) if pages is None else (q, None, None)
 
 
 if triton is not None:
@@ -293,8 +308,8 @@ if triton is not None:
         tl.store(Out + t * C + offs, x + y * g, mask=mask)
 
     @triton.jit
-    def _cosine_qkv_kernel(QKV, QBias, VBias, QScale, Cos, Sin, Q, K, V,
-                           HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _cosine_qkv_kernel(QKV, QBias, VBias, QScale, Cos, Sin, Q, K, V, Slots,
+                           HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, PAGED: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
         valid = h < HEADS
@@ -304,6 +319,10 @@ if triton is not None:
         cos = tl.load(Cos + t * HALF + tl.arange(0, HALF))[None, :]
         sin = tl.load(Sin + t * HALF + tl.arange(0, HALF))[None, :]
         scale = tl.load(QScale + h, mask=valid, other=0.0)
+        if PAGED:  # k and v of (token, head) go to their page slot's row
+            kv_offs = tl.load(Slots + t * HEADS + h, mask=valid, other=0) * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+        else:
+            kv_offs = row + offs
         for part in tl.static_range(2):  # 0: q (bias, per-head scale), 1: k
             x = tl.load(QKV + 3 * row + part * width + offs, mask=valid, other=0.0).to(tl.float32)
             if part == 0:
@@ -313,11 +332,14 @@ if triton is not None:
                 inv = inv * scale
             even, odd = tl.split(tl.reshape(x * inv, [BLOCK_H, HALF, 2]))  # the (even, odd) pairs RoPE turns
             turned = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), [BLOCK_H, 2 * HALF])
-            out = Q if part == 0 else K
-            tl.store(out + row + offs, turned.to(out.dtype.element_ty), mask=valid)
+            if part == 0:
+                tl.store(Q + row + offs, turned.to(Q.dtype.element_ty), mask=valid)
+            else:
+                tl.store(K + kv_offs, turned.to(Q.dtype.element_ty).to(K.dtype.element_ty), mask=valid)
         vv = tl.load(QKV + 3 * row + 2 * width + offs, mask=valid, other=0.0).to(tl.float32)
         vv += tl.load(VBias + offs, mask=valid, other=0.0).to(tl.float32)
-        tl.store(V + row + offs, vv.to(V.dtype.element_ty), mask=valid)
+        # v rounds to qkv's dtype first, as the eager path's bias add does, then to the destination's
+        tl.store(V + kv_offs, vv.to(QKV.dtype.element_ty).to(V.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _group_stats_kernel(X, Sums, M2s, pixels, C, PIXELS: tl.constexpr, blocks, SUB: tl.constexpr,

@@ -40,13 +40,22 @@ def text_rows(
 ) -> TextMemory:
     """TextMemory of one request's rows: prompt `index`, then (CFG) negative prompt `negative_index` or the
     learned unconditional text cut to the prompt's length."""
+    return model.encode_text(*row_features(model, prompts, index, rows, negatives, negative_index))
+
+
+def row_features(
+    model: Infinity, prompts: TextBatch, index: int, rows: int, negatives: TextBatch | None = None,
+    negative_index: int | None = None,
+) -> tuple[Tensor, list[int]]:
+    """The packed text features [sum(lengths), D] and the lengths of one request's rows (see `text_rows`), for
+    `Infinity.encode_text` of one request or of several at once."""
     feats, lens = [_one(prompts, index)], [prompts.lengths[index]]
     if rows == 2:
         has_negative = negatives is not None and negative_index is not None
         uncond = _one(negatives, negative_index) if has_negative else model.uncond_text(lens[0])
         feats.append(uncond.to(feats[0].device, feats[0].dtype))
         lens.append(uncond.shape[0])
-    return model.encode_text(torch.cat(feats), lens)
+    return torch.cat(feats), lens
 
 
 def _one(batch: TextBatch, index: int) -> Tensor:

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from varserve.attention import upload, varlen_attention
 from varserve.models.config import ModelConfig
-from varserve.models.fused import add_ln_modulate, cosine_qkv, gated_add, gated_add_layer_norm, ln_modulate, needs_grad
+from varserve.models.fused import (PageSlots, add_ln_modulate, cosine_qkv, gated_add, gated_add_layer_norm, ln_modulate,
+                                   needs_grad)
 
 MAX_LOG_SCALE = math.log(100.0)
 
@@ -31,11 +32,14 @@ class SelfAttentionKV(Protocol):
     """Owns self-attention K/V. `attend` stores the current scale's k/v of `layer` and returns the attention
     of q over every kept key of the row (history and current scale), softmax scale 1, no mask.
     `raw_q` is the q projection without bias, norm or RoPE (what ScaleKV scores with); it is only computed
-    when `wants_raw_query(layer)` is true."""
+    when `wants_raw_query(layer)` is true. `page_slots(layer)`, when not None, says where the layer's new k/v
+    go (paged K/V: the model writes them there as it makes them, then passes k = v = None to `attend`)."""
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor: ...
+    def attend(self, layer: int, q: Tensor, k: Tensor | None, v: Tensor | None, raw_q: Tensor | None) -> Tensor: ...
 
     def wants_raw_query(self, layer: int) -> bool: ...
+
+    def page_slots(self, layer: int) -> PageSlots | None: ...
 
 
 @dataclass
@@ -59,6 +63,13 @@ class TextMemory:
         rows_t = torch.tensor(rows, device=self.cond.device)
         return TextMemory(self.cond[rows_t], self.gss[rows_t], self.head_ss[rows_t], self.ca_kv[:, :, idx],
                           [self.text_lens[r] for r in rows])
+
+    def rows(self, start: int, stop: int) -> "TextMemory":
+        """Rows start .. stop - 1 as views (no copy; they keep the whole memory alive)."""
+        first = sum(self.text_lens[:start])
+        last = first + sum(self.text_lens[start:stop])
+        return TextMemory(self.cond[start:stop], self.gss[start:stop], self.head_ss[start:stop],
+                          self.ca_kv[:, :, first:last], self.text_lens[start:stop])
 
     @staticmethod
     def concat(parts: list["TextMemory"]) -> "TextMemory":
@@ -142,7 +153,7 @@ class SelfAttention(nn.Module):
         # Clamped in the parameter's dtype, as the reference (bf16 blocks: log(100) rounds to 4.59375), then exp.
         q_scale = self.scale_mul_1H11.view(self.heads, 1).clamp_max(MAX_LOG_SCALE).to(acc).exp()
         q, k, v = cosine_qkv(qkv, self.q_bias.view(hd), self.v_bias.view(hd), q_scale, batch.rope_cos,
-                             batch.rope_sin, x.dtype)
+                             batch.rope_sin, x.dtype, kv.page_slots(layer))
         out = kv.attend(layer, q, k, v, raw_q)
         return self.proj(out.reshape(T, -1))
 

@@ -40,6 +40,9 @@ class DenseKV:
     def wants_raw_query(self, layer: int) -> bool:
         return False
 
+    def page_slots(self, layer: int) -> None:
+        return None  # contiguous K/V: the model passes them to attend
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
         out = []
         for row, (a, b) in enumerate(self.spans):
@@ -82,6 +85,9 @@ class PolicyDenseKV:
 
     def wants_raw_query(self, layer: int) -> bool:
         return self.policy.name == "scalekv"
+
+    def page_slots(self, layer: int) -> None:
+        return None  # contiguous K/V: the model passes them to attend
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, raw_q: Tensor | None) -> Tensor:
         out = torch.empty_like(q)
