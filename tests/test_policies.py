@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from varserve import Engine, SamplingParams
 from varserve.cache.allocator import BlockAllocator
@@ -21,7 +23,7 @@ from varserve.cache.block_manager import BlockManager
 from varserve.cache.heatkv import prune_counts
 from varserve.cache.plan import KVPlan, ScoredCut, StaticCut
 from varserve.cache.policy import POLICIES, FullPolicy, make_policy
-from varserve.cache.scalekv import PRESETS, allocate, window_indices
+from varserve.cache.scalekv import PRESETS, allocate, select_kept, window_indices
 from varserve.cli import main
 from varserve.config import EngineConfig
 from varserve.models.config import get_config
@@ -29,6 +31,7 @@ from varserve.models.generation import ScaleSampling, num_rows
 from varserve.models.reference import PolicyDenseKV, generate_dense
 from varserve.models.schedule import parse_size
 from varserve.scheduler.request import Request
+from scalekv_fixtures import select_for_cut
 
 PAGE = 16
 TEST_SMALL = get_config("test-small")
@@ -298,3 +301,38 @@ def test_unknown_policy_bad_budget_and_calibration_errors(tmp_path: Path, heat_c
         with pytest.raises(ValueError, match=message):  # checked when the engine's config is made
             EngineConfig(**options)
     assert isinstance(make_policy("scalekv", BUDGET).plan(TEST_SMALL, tall).cut(4, 1), ScoredCut)
+
+
+def _kept_by_brute_force(keys: torch.Tensor, window_q: torch.Tensor, cut: ScoredCut) -> np.ndarray:
+    """One (row, head): scores summed over the window, window keys excluded, max-pooled (5), the best by score then
+    lower position, plus the window, ascending."""
+    scores = (window_q @ keys.T).sum(0).numpy() / math.sqrt(keys.shape[-1])
+    scores[cut.window_positions] = -np.inf
+    padded = np.pad(scores, 2, constant_values=-np.inf)
+    pooled = np.array([padded[i : i + 5].max() for i in range(len(scores))])
+    pooled[cut.window_positions] = -np.inf
+    order = np.lexsort((np.arange(len(scores)), -pooled))
+    return np.sort(np.concatenate([order[: cut.capacity - len(cut.window)], cut.window_positions]))
+
+
+def test_scalekv_selection_of_rows_of_different_cuts_in_one_batch_equals_each_cut_alone() -> None:
+    """The engine selects for every cut of a layer at once, rows padded to the longest: each row picks what its cut
+    picks alone (NaN keys in the padding change nothing), and that is the plain per-(row, head) rule."""
+    g = torch.Generator().manual_seed(5)
+    cuts = [ScoredCut(1497, 1497 + 1024, 600, window_indices(32, 32)), ScoredCut(921, 921 + 576, 200,
+                                                                                  window_indices(24, 24))]
+    rows, heads, d = 3, 4, 32
+    keys = [torch.randn(rows, heads, c.attend_len, d, generator=g, dtype=torch.float64) for c in cuts]
+    window_q = [torch.randn(rows, len(c.window), heads, d, generator=g, dtype=torch.float64) for c in cuts]
+    alone = [select_for_cut(k, q, c) for k, q, c in zip(keys, window_q, cuts)]
+    longest = max(c.attend_len for c in cuts)
+    padded = torch.cat([F.pad(k, (0, 0, 0, longest - k.shape[2]), value=float("nan")) for k in keys])
+    window = torch.cat([torch.as_tensor(c.window_positions).expand(rows, -1) for c in cuts])
+    lengths, capacity = (torch.tensor([getattr(c, name) for c in cuts]).repeat_interleave(rows)
+                         for name in ("attend_len", "capacity"))
+    batched = select_kept(padded, torch.cat(window_q), window, lengths, capacity, max(c.capacity for c in cuts))
+    for i, (cut, kept) in enumerate(zip(cuts, alone)):
+        assert torch.equal(batched[i * rows : (i + 1) * rows, :, : cut.capacity], kept)
+        for row, head in ((0, 0), (rows - 1, heads - 1)):
+            np.testing.assert_array_equal(kept[row, head].numpy(), _kept_by_brute_force(
+                keys[i][row, head], window_q[i][row, :, head], cut))

@@ -15,7 +15,8 @@ from varserve.cache.attention_stats import calibrate
 from varserve.cache.kv_pool import KVPool
 from varserve.cache.plan import ScoredCut
 from varserve.cache.policy import FullPolicy
-from varserve.cache.scalekv import select_kept, window_indices
+from varserve.cache.scalekv import window_indices
+from scalekv_fixtures import select_for_cut
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -45,10 +46,10 @@ def test_scalekv_selection_on_cuda_equals_cpu(hw: tuple[int, int], history: int,
     cut = ScoredCut(history, history + hw[0] * hw[1], capacity, window)
     keys = _small_ints((3, 4, cut.attend_len, 64), 0)
     window_q = _small_ints((3, len(window), 4, 64), 1)
-    expected = select_kept(keys, window_q, cut)
+    expected = select_for_cut(keys, window_q, cut)
     keys, window_q = keys.to(CUDA), window_q.to(CUDA)
     with no_host_sync():
-        got = select_kept(keys, window_q, cut)
+        got = select_for_cut(keys, window_q, cut)
     assert torch.equal(got.cpu(), expected)
     assert (got.diff(dim=-1) > 0).all() and got.shape == (3, 4, capacity)
 

@@ -126,7 +126,11 @@ class PagedKV:
             elif isinstance(cut, ScoredCut):
                 scored.setdefault(cut, []).extend(rows)
         moves = [self._static_moves(cut, rows) for cut, rows in static.values()]
-        moves += [self._scored_moves(cut, rows, table, raw_q) for cut, rows in scored.items()]
+        by_window: dict[int, list[tuple[ScoredCut, list[int]]]] = {}
+        for cut, rows in scored.items():
+            by_window.setdefault(len(cut.window), []).append((cut, rows))
+        for groups in by_window.values():
+            moves += self._scored_moves(groups, table, raw_q)
         if moves:
             self.pool.move(table, tuple(torch.cat(m) for m in zip(*moves)))
 
@@ -149,25 +153,37 @@ class PagedKV:
         return _flat_moves(self._rows(rows)[:, None], heads[run][None], (src[run] + offset)[None],
                            (dst[run] + offset)[None])
 
-    def _scored_moves(self, cut: ScoredCut, rows: list[int], table: Tensor, raw_q: Tensor) -> Moves:
-        """ScaleKV's selection for a group of rows, in chunks of rows that bound the gathered keys' size."""
-        device, heads, d = table.device, table.shape[1], self.pool.k_pages.shape[-1]
-        chunk = max(1, SCORE_CHUNK_BYTES // (heads * cut.attend_len * d * 4))
-        kept = torch.cat([self._select(cut, rows[i : i + chunk], table, raw_q) for i in range(0, len(rows), chunk)])
-        return _flat_moves(self._rows(rows)[:, None, None], torch.arange(heads, device=device)[None, :, None], kept,
-                           torch.arange(cut.capacity, device=device))
+    def _scored_moves(self, groups: list[tuple[ScoredCut, list[int]]], table: Tensor, raw_q: Tensor) -> list[Moves]:
+        """ScaleKV's selection for the rows of every cut (of one window size) in one batch, the shorter rows padded
+        to the longest (one set of launches per layer, not one per cut: per cut they kept the host behind the
+        device), in chunks of rows that bound the gathered keys' size; then each cut's moves."""
+        longest, width = max(cut.attend_len for cut, _ in groups), max(cut.capacity for cut, _ in groups)
+        meta = self._upload_once(("scored", *((cut, *rows) for cut, rows in groups)), lambda: self._scored_meta(groups))
+        heads, d = table.shape[1], self.pool.k_pages.shape[-1]
+        chunk = max(1, SCORE_CHUNK_BYTES // (heads * longest * d * 4))
+        kept = torch.cat([self._select(meta[i : i + chunk], table, raw_q, longest, width)
+                          for i in range(0, len(meta), chunk)])
+        moves, first, device = [], 0, table.device
+        for cut, rows in groups:
+            stop = first + len(rows)
+            moves.append(_flat_moves(meta[first:stop, 0, None, None], torch.arange(heads, device=device)[None, :, None],
+                                     kept[first:stop, :, : cut.capacity], torch.arange(cut.capacity, device=device)))
+            first = stop
+        return moves
 
-    def _select(self, cut: ScoredCut, rows: list[int], table: Tensor, raw_q: Tensor) -> Tensor:
-        device = table.device
-        row, head = self._rows(rows)[:, None, None], torch.arange(table.shape[1], device=device)[None, :, None]
-        slots = self.pool.slots(table, row, head, torch.arange(cut.attend_len, device=device))
+    def _scored_meta(self, groups: list[tuple[ScoredCut, list[int]]]) -> np.ndarray:
+        """Per row, int64: row, tokens it attended (attend_len), tokens it keeps (capacity), its window tokens'
+        positions, then their indices in the packed queries."""
+        cu = self.cu_seqlens.numpy().astype(np.int64)
+        return np.asarray([[row, cut.attend_len, cut.capacity, *cut.window_positions, *(cu[row] + np.array(cut.window))]
+                           for cut, rows in groups for row in rows], dtype=np.int64)
+
+    def _select(self, meta: Tensor, table: Tensor, raw_q: Tensor, longest: int, width: int) -> Tensor:
+        window = (meta.shape[1] - 3) // 2
+        row, head = meta[:, 0, None, None], torch.arange(table.shape[1], device=table.device)[None, :, None]
+        slots = self.pool.slots(table, row, head, torch.arange(longest, device=table.device))
         keys = self.pool.k_pages.view(-1, self.pool.k_pages.shape[-1])[slots]
-        tokens = self._upload_once(("window", cut, *rows), lambda: self._window_tokens(cut, rows))
-        return select_kept(keys, raw_q[tokens], cut)
-
-    def _window_tokens(self, cut: ScoredCut, rows: list[int]) -> np.ndarray:
-        """Packed-query indices [G, window] of the window tokens of the rows."""
-        return self.cu_seqlens[rows].numpy().astype(np.int64)[:, None] + np.asarray(cut.window)
+        return select_kept(keys, raw_q[meta[:, 3 + window :]], meta[:, 3 : 3 + window], meta[:, 1], meta[:, 2], width)
 
 
 def _flat_moves(rows: Tensor, heads: Tensor, src: Tensor, dst: Tensor) -> Moves:

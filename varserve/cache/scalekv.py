@@ -30,7 +30,6 @@ the lower position.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import dataclass, replace
@@ -42,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from varserve.attention import upload
 from varserve.cache.calibration import read_calibration
 from varserve.cache.plan import CalibratedPolicy, KVPlan, ScoredCut, capped_counts, plan_from_kept
 from varserve.models.config import ModelConfig
@@ -171,23 +169,20 @@ def _centres(n: int) -> list[int]:
     return sorted({min(n - 1, i * cell + (cell - 1) // 2) for i in range(WINDOW_GRID)})
 
 
-@functools.lru_cache(maxsize=None)  # never evicted: captured graphs read these tensors (cuts are few per size)
-def window_tensors(cut: ScoredCut, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The window's positions and a mask of them over the attended tokens (a mask, not index_put_: indexing with
-    a tensor syncs on CUDA), uploaded once per cut: a step captured in a CUDA graph uploads nothing."""
-    in_window = np.zeros(cut.attend_len, dtype=bool)
-    in_window[cut.window_positions] = True
-    return upload(cut.window_positions, device), upload(in_window, device)
-
-
-def select_kept(keys: Tensor, window_q: Tensor, cut: ScoredCut) -> Tensor:
-    """Kept positions [G, H, capacity] (ascending) of G rows: `keys` [G, H, attend_len, d] are the rows'
-    cached keys in table order, `window_q` [G, window, H, d] the raw queries of their window tokens."""
+def select_kept(keys: Tensor, window_q: Tensor, window: Tensor, lengths: Tensor, capacity: Tensor, width: int
+                ) -> Tensor:
+    """Kept positions of G rows, each with its own cut: `keys` [G, H, L, d] are the rows' cached keys in table
+    order (a row's keys from its `lengths` [G] on are padding), `window_q` [G, W, H, d] the raw queries of its
+    observation-window tokens, `window` [G, W] their positions, `capacity` [G] how many tokens it keeps (at most
+    `width`). Returns [G, H, width]: a row's first capacity entries ascending, then padding. No host sync."""
     acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
     query = window_q.to(acc).sum(1)  # the window's summed scores = the summed queries' scores
     scores = torch.einsum("ghld,ghd->ghl", keys.to(acc), query) / math.sqrt(keys.shape[-1])
-    window, in_window = window_tensors(cut, keys.device)
-    pooled = F.max_pool1d(scores.masked_fill(in_window, -math.inf), POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
-    pooled = pooled.masked_fill(in_window, -math.inf)
-    best = torch.sort(pooled, dim=-1, descending=True, stable=True).indices[..., : cut.capacity - len(cut.window)]
-    return torch.cat([best, window.expand(*best.shape[:2], -1)], dim=-1).sort(dim=-1).values
+    positions = torch.arange(keys.shape[2], device=keys.device)
+    ignored = (positions >= lengths[:, None]).scatter(1, window, True)[:, None]  # padding and window: never chosen
+    pooled = F.max_pool1d(scores.masked_fill(ignored, -math.inf), POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
+    pooled = pooled.masked_fill(ignored, -math.inf)
+    best = torch.sort(pooled, dim=-1, descending=True, stable=True).indices[..., : width - window.shape[1]]
+    chosen = torch.arange(best.shape[-1], device=keys.device) < (capacity - window.shape[1])[:, None, None]
+    best = torch.where(chosen, best, keys.shape[2])  # past the row's share: sorts after every real position
+    return torch.cat([best, window[:, None, :].expand(-1, best.shape[1], -1)], dim=-1).sort(dim=-1).values
