@@ -15,8 +15,8 @@ from varserve.cache.attention_stats import calibrate
 from varserve.cache.kv_pool import KVPool
 from varserve.cache.plan import ScoredCut
 from varserve.cache.policy import FullPolicy
-from varserve.cache.scalekv import window_indices
-from scalekv_fixtures import select_for_cut
+from varserve.cache.scalekv import select_kept, window_indices
+from scalekv_fixtures import cut_rows, select_for_cut
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -47,9 +47,9 @@ def test_scalekv_selection_on_cuda_equals_cpu(hw: tuple[int, int], history: int,
     keys = _small_ints((3, 4, cut.attend_len, 64), 0)
     window_q = _small_ints((3, len(window), 4, 64), 1)
     expected = select_for_cut(keys, window_q, cut)
-    keys, window_q = keys.to(CUDA), window_q.to(CUDA)
+    keys, window_q, rows = keys.to(CUDA), window_q.to(CUDA), cut_rows(cut, 3, CUDA)  # uploads: before the check
     with no_host_sync():
-        got = select_for_cut(keys, window_q, cut)
+        got = select_kept(keys, window_q, *rows, cut.capacity)
     assert torch.equal(got.cpu(), expected)
     assert (got.diff(dim=-1) > 0).all() and got.shape == (3, 4, capacity)
 
