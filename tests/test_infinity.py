@@ -559,7 +559,7 @@ def test_packed_rows_equal_rows_alone() -> None:
 
     # one packed call: text encoded together, tokens of all rows concatenated
     text = model.encode_text(torch.cat(feats), lens)
-    for part, r in ((text.select([r]), r) for r in range(len(rows))):
+    for part, r in ((text.rows(r, r + 1), r) for r in range(len(rows))):
         torch.testing.assert_close(part.cond, alone_text[r].cond, **TOL)
         torch.testing.assert_close(part.gss, alone_text[r].gss, **TOL)
         torch.testing.assert_close(part.ca_kv, alone_text[r].ca_kv, **TOL)

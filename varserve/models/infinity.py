@@ -55,15 +55,6 @@ class TextMemory:
     ca_kv: Tensor
     text_lens: list[int]
 
-    def select(self, rows: list[int]) -> "TextMemory":
-        starts = [0]
-        for n in self.text_lens:
-            starts.append(starts[-1] + n)
-        idx = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rows]).to(self.cond.device)
-        rows_t = torch.tensor(rows, device=self.cond.device)
-        return TextMemory(self.cond[rows_t], self.gss[rows_t], self.head_ss[rows_t], self.ca_kv[:, :, idx],
-                          [self.text_lens[r] for r in rows])
-
     def rows(self, start: int, stop: int) -> "TextMemory":
         """Rows start .. stop - 1 as views (no copy; they keep the whole memory alive)."""
         first = sum(self.text_lens[:start])
