@@ -233,6 +233,29 @@ def test_triton_kernel_in_interpreter(page_size: int) -> None:
     assert rel_error(out, dense_attention(requests, 32 ** -0.5)) < 1e-5
 
 
+@pytest.mark.skipif("hybrid" not in available_backends("cpu"),
+                    reason="checks the Triton kernel on CPU only under TRITON_INTERPRET=1 with triton installed")
+def test_hybrid_splits_rows_whose_heads_differ_in_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large rows with per-head lengths: dense attention over the keys every head has at its end, the Triton
+    kernel over the rest resuming from its output and log-sum-exp; and the Triton kernel alone if the dense
+    part cannot run."""
+    monkeypatch.setattr(paged, "HYBRID_MIN_Q", 16)
+    dense_calls = []
+    attention_lse = paged._attention_lse
+    monkeypatch.setattr(paged, "_attention_lse", lambda q, k, v, scale: dense_calls.append(k.shape) or
+                        attention_lse(q, k, v, scale))
+    pool = Pool(4000, 16, heads=2, dim=32, dtype=torch.float32)
+    requests = [pool.add(16, [[16, 40], [19, 17]]), pool.add(4, 5), pool.add(36, 50),
+                pool.add(16, [[30, 16], [17, 50]]), pool.add(36, [[37, 90], [36, 36]])]
+    expected = dense_attention(requests, 32 ** -0.5)
+    assert rel_error(paged_attention(**batch(pool, requests), backend="hybrid"), expected) < 1e-5
+    # rows of 16 queries grouped by their shortest head (16: rows 0 and 6, 17: rows 1 and 7); of the last request's
+    # rows, only the first has heads of different lengths; the rest go to the gathered path or the Triton kernel
+    assert sorted(dense_calls) == [(1, 2, 37, 32), (2, 2, 16, 32), (2, 2, 17, 32)], dense_calls
+    monkeypatch.setattr(paged, "_attention_lse", lambda q, k, v, scale: None)
+    assert rel_error(paged_attention(**batch(pool, requests), backend="hybrid"), expected) < 1e-5
+
+
 # --- GPU: every CUDA backend on bf16 at Infinity head sizes ------------------------------------------------
 
 def gpu_requests(pool: Pool, rng: np.random.Generator, uniform: bool) -> list[Request]:
@@ -277,6 +300,22 @@ def test_sdpa_gather_runs_cudnn_whatever_the_process_wide_order() -> None:
         torch.cuda.synchronize()
     kernels = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
     assert any("cudnn" in k for k in kernels) and not any("flash_fwd" in k for k in kernels), kernels
+    assert rel_error(out, dense_attention(requests, 128 ** -0.5)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_hybrid_runs_large_rows_of_ragged_heads_on_cudnn_and_triton(caplog: pytest.LogCaptureFixture) -> None:
+    """HeatKV's shape at 1024 x 1024: 1024 queries, the current scale plus 21..1497 history tokens per head."""
+    pool = Pool(20000, 32, heads=16, dim=128, dtype=torch.bfloat16, device="cuda")
+    rng = np.random.default_rng(0)
+    requests = [pool.add(1024, 1024 + rng.integers(21, 1498, (ROWS, 16))) for _ in range(2)] + [pool.add(256, 521)]
+    with caplog.at_level(logging.INFO, logger="varserve"), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = paged_attention(**batch(pool, requests), backend="hybrid")
+        torch.cuda.synchronize()
+    kernels = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    assert any("cudnn" in k for k in kernels) and any("paged_attention" in k for k in kernels), kernels
+    assert not any("failed" in m for m in caplog.messages), caplog.messages
     assert rel_error(out, dense_attention(requests, 128 ** -0.5)) < TOLERANCE[torch.bfloat16]
 
 

@@ -129,10 +129,14 @@ def _flat(pages: Tensor) -> Tensor:
     return pages.view(-1, pages.shape[-1])
 
 
-def _kv_slots(tables: Tensor, length: int, page_size: int) -> Tensor:
-    """int64 slots `[..., length]` of the first `length` tokens through page tables `[..., pages]`."""
+def _kv_slots(tables: Tensor, length: int, page_size: int, start: np.ndarray | None = None) -> Tensor:
+    """int64 slots `[..., length]` of the first `length` tokens through page tables `[..., pages]`, or of the
+    `length` tokens from position `start [...]` of each table on."""
     t = torch.arange(length, device=tables.device)
-    return tables[..., t // page_size].long() * page_size + t % page_size
+    if start is None:
+        return tables[..., t // page_size].long() * page_size + t % page_size
+    positions = upload(start, tables.device, torch.int64)[..., None] + t
+    return torch.gather(tables, -1, positions // page_size).long() * page_size + positions % page_size
 
 
 def upload(x: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
@@ -195,12 +199,16 @@ def _place(out: Tensor, parts: list[tuple[slice | Tensor, Tensor]]) -> Tensor:
 def _group_rows(cu: np.ndarray, lens: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
     """`rows` that have queries, grouped by (q length, longest head's k length, all heads equal?)."""
     live = rows[np.diff(cu)[rows] > 0]
-    if not len(live):
-        return []
     longest = lens[live].max(1)
-    keys = np.stack([np.diff(cu)[live], longest, (lens[live] == longest[:, None]).all(1)], axis=1)
+    return _groups(live, np.stack([np.diff(cu)[live], longest, (lens[live] == longest[:, None]).all(1)], axis=1))
+
+
+def _groups(rows: np.ndarray, keys: np.ndarray) -> list[np.ndarray]:
+    """`rows` grouped by equal rows of `keys [len(rows), k]`."""
+    if not len(rows):
+        return []
     _, group = np.unique(keys, axis=0, return_inverse=True)
-    return [live[group.ravel() == g] for g in range(group.max() + 1)]
+    return [rows[group.ravel() == g] for g in range(group.max() + 1)]
 
 
 def _sdpa_group(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, cu: np.ndarray,
@@ -208,7 +216,7 @@ def _sdpa_group(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor
     """(token selector, output `[tokens, H, d]`) of one group of rows."""
     num_rows, num_heads, d = len(rows), q.shape[1], q.shape[2]
     lq = int(cu[rows[0] + 1] - cu[rows[0]])
-    tokens = _selector((cu[rows][:, None] + np.arange(lq)).ravel(), q.device)
+    tokens = _row_tokens(cu, rows, q.device)
     tables = block_table[_selector(rows, q.device)]
     if (lens[rows] == lens[rows[0], 0]).all():
         k, v = (_gather_pages(pages, tables, int(lens[rows[0], 0])).to(q.dtype) for pages in (k_pages, v_pages))
@@ -241,6 +249,11 @@ def _head_mask(slots: Tensor, lens: np.ndarray) -> tuple[Tensor, Tensor | None]:
     _log_once("sdpa_gather: rows whose heads differ in KV length take the masked SDPA path")
     valid = torch.arange(slots.shape[-1], device=slots.device) < upload(lens, slots.device)[..., None]
     return torch.where(valid, slots, slots[..., :1]), valid[:, :, None, :]
+
+
+def _row_tokens(cu: np.ndarray, rows: np.ndarray, device: torch.device) -> slice | Tensor:
+    """Selector of the packed tokens of `rows`, in order."""
+    return _selector(np.concatenate([np.arange(cu[r], cu[r + 1]) for r in rows]), device)
 
 
 def _selector(index: np.ndarray, device: torch.device) -> slice | Tensor:
@@ -312,25 +325,73 @@ def _cumsum0(lengths: Tensor) -> Tensor:
 def _hybrid(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
             cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float) -> Tensor:
     """Rows with >= HYBRID_MIN_Q queries and one KV length on every head: sdpa_gather (cuDNN is fastest there,
-    and its ~1 ms of host time per call is amortised); all other rows: one Triton launch, however many scales
-    they span. Rows whose heads differ in length (HeatKV) would need a key mask, with which cuDNN measured
-    ~2.5x slower than without (23 vs 9.3 ms at 16 x 4096 x 10521); the Triton kernel takes them unpadded."""
+    and its ~1 ms of host time per call is amortised). Such rows whose heads differ in length (HeatKV) would need
+    a key mask, with which cuDNN measured ~2.5x slower than without (23 vs 9.3 ms at 16 x 4096 x 10521): cuDNN
+    attends the keys at the end that every head has (the current scale at least), the Triton kernel the rest
+    of each head, resuming cuDNN's softmax state (`_split_parts`). All other rows: one Triton launch, however
+    many scales they span."""
     cu, lens = _host_plan(cu_seqlens_q, seqlens_k)
-    large = (np.diff(cu) >= HYBRID_MIN_Q) & (lens == lens[:, :1]).all(1)
-    if large.all() or not large.any():
+    large = np.diff(cu) >= HYBRID_MIN_Q
+    equal = (lens == lens[:, :1]).all(1)
+    if (large & equal).all() or not large.any():
         fn = _sdpa_gather if large.all() else paged_attention_triton
         return fn(q, k_pages, v_pages, block_table, seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale)
     # the large rows' outputs go straight to their tokens (one copy; a sub-call's assembled output was a second)
-    out = _place(torch.empty_like(q), _sdpa_parts(q, k_pages, v_pages, block_table, cu, lens, np.flatnonzero(large),
-                                                  softmax_scale))
-    rows = np.flatnonzero(~large)
-    tokens = _selector(np.concatenate([np.arange(cu[r], cu[r + 1]) for r in rows]), q.device)
-    qlen = np.diff(cu)[rows]
-    sub_cu = torch.from_numpy(np.concatenate([[0], np.cumsum(qlen)]).astype(np.int32))
-    out[tokens] = paged_attention_triton(q[tokens], k_pages, v_pages, block_table[_selector(rows, q.device)],
-                                         torch.from_numpy(lens[rows]), sub_cu, int(qlen.max()), int(lens[rows].max()),
-                                         softmax_scale)
+    out = torch.empty_like(q)
+    _place(out, _sdpa_parts(q, k_pages, v_pages, block_table, cu, lens, np.flatnonzero(large & equal), softmax_scale))
+    _place(out, _split_parts(q, k_pages, v_pages, block_table, cu, lens, np.flatnonzero(large & ~equal), softmax_scale))
+    if not large.all():
+        small = np.flatnonzero(~large)
+        tokens, part = _triton_rows(q, k_pages, v_pages, block_table, cu, small, lens[small], softmax_scale)
+        out[tokens] = part
     return out
+
+
+def _triton_rows(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, cu: np.ndarray, rows: np.ndarray,
+                 row_lens: np.ndarray, scale: float, resume: tuple[Tensor, Tensor] | None = None,
+                 ) -> tuple[slice | Tensor, Tensor]:
+    """(token selector, output) of one Triton launch over the first `row_lens [len(rows), H]` keys of `rows`."""
+    qlen = np.diff(cu)[rows]
+    tokens = _row_tokens(cu, rows, q.device)
+    sub_cu = torch.from_numpy(np.concatenate([[0], np.cumsum(qlen)]).astype(np.int32))
+    return tokens, paged_attention_triton(q[tokens], k_pages, v_pages, block_table[_selector(rows, q.device)],
+                                          torch.from_numpy(row_lens), sub_cu, int(qlen.max()), int(row_lens.max()),
+                                          scale, resume=resume)
+
+
+def _split_parts(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, cu: np.ndarray,
+                 lens: np.ndarray, rows: np.ndarray, scale: float) -> list[tuple[slice | Tensor, Tensor]]:
+    """(token selector, output) of each group of `rows` with the same q length and the same shortest head: the
+    last `tail` keys of every head (tail = the shortest head's length) by dense attention, which also gives the
+    log-sum-exp of their scores; then the Triton kernel over each head's first `lens - tail` keys, starting
+    from that output and log-sum-exp, so the result is softmax attention over all keys."""
+    parts = []
+    for group in _groups(rows, np.stack([np.diff(cu)[rows], lens[rows].min(1)], axis=1)):
+        num_rows, lq, tail = len(group), int(cu[group[0] + 1] - cu[group[0]]), int(lens[group].min())
+        slots = _kv_slots(block_table[_selector(group, q.device)], tail, k_pages.shape[1], start=lens[group] - tail)
+        k, v = (_flat(pages)[slots].to(q.dtype) for pages in (k_pages, v_pages))
+        q_rows = q[_row_tokens(cu, group, q.device)].view(num_rows, lq, *q.shape[1:]).transpose(1, 2)
+        state = _attention_lse(q_rows, k, v, scale)
+        rest = lens[group] if state is None else lens[group] - tail
+        parts.append(_triton_rows(q, k_pages, v_pages, block_table, cu, group, rest, scale, resume=state))
+    return parts
+
+
+def _attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor] | None:
+    """softmax(q k^T * scale) v `[B, H, Lq, d]` and the natural log-sum-exp of those scores `[B, H, Lq]` (fp32):
+    cuDNN on CUDA (None, logged, where it fails: the caller then runs the Triton kernel alone), plain math in
+    at least fp32 elsewhere."""
+    if not q.is_cuda:
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = q.to(acc) @ k.to(acc).transpose(-1, -2) * scale
+        return (torch.softmax(scores, -1) @ v.to(acc)).to(q.dtype), torch.logsumexp(scores, -1).float()
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, scale=scale)[:2]
+    except RuntimeError as exc:
+        _log_once(f"hybrid: cuDNN attention with log-sum-exp failed ({exc}); rows whose heads differ in KV "
+                  "length run on the Triton kernel alone")
+        return None
+    return out, lse.reshape(q.shape[:3]).float()
 
 
 # --- triton: a paged flash-attention kernel of our own ------------------------------------------------------
@@ -356,9 +417,11 @@ def _triton_available(device: torch.device) -> bool:
 @_backend("triton", _triton_available)
 def paged_attention_triton(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
                            cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                           tiles: TritonTiles | None = None) -> Tensor:
+                           tiles: TritonTiles | None = None, resume: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """paged_attention on Triton: one program per (query block, head, row), online softmax in fp32 over that
-    (row, head)'s pages. `tiles` defaults to the module's TRITON_TILES; max_seqlen_k is not needed."""
+    (row, head)'s pages. `tiles` defaults to the module's TRITON_TILES; max_seqlen_k is not needed. `resume`
+    (output `[B, H, Lq, d]`, natural log-sum-exp `[B, H, Lq]` fp32 of row b's queries over other keys, Lq >= its
+    q length) starts each softmax from that state instead of from nothing: the result attends both key sets."""
     tiles = tiles or TRITON_TILES
     num_rows, num_heads, max_pages = block_table.shape
     d = q.shape[-1]
@@ -367,12 +430,16 @@ def paged_attention_triton(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_ta
     block_m = max(16, min(tiles.block_m, triton.next_power_of_2(max(max_seqlen_q, 1))))
     table, lens, cu = (upload(x, q.device, torch.int32).contiguous() for x in (block_table, seqlens_k, cu_seqlens_q))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    init, lse = resume or (out, out)
+    if resume is not None and init.stride(-1) != 1:
+        raise ValueError("triton backend: the resumed output needs a unit last stride")
+    strides = (*init.stride()[:3], *lse.stride()) if resume is not None else (0,) * 6
     grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, num_rows)
     _paged_attention_kernel[grid](
-        q, k_pages, v_pages, out, table, lens, cu, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_pages.stride(0), k_pages.stride(1), v_pages.stride(0), v_pages.stride(1), max_pages,
-        softmax_scale * LOG2E, PAGE=k_pages.shape[1], HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        q, k_pages, v_pages, out, table, lens, cu, init, lse, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_pages.stride(0), k_pages.stride(1), v_pages.stride(0), v_pages.stride(1), *strides,
+        max_pages, softmax_scale * LOG2E, PAGE=k_pages.shape[1], HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
+        RESUME=resume is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
@@ -401,10 +468,11 @@ if triton is not None:
         return acc, l_i * alpha + tl.sum(p, 1), m_new
 
     @triton.jit
-    def _paged_attention_kernel(Q, K, V, Out, Table, SeqlensK, CuQ, stride_qt, stride_qh, stride_ot, stride_oh,
-                                stride_kp, stride_kt, stride_vp, stride_vt, max_pages, qk_scale,
-                                PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr):
+    def _paged_attention_kernel(Q, K, V, Out, Table, SeqlensK, CuQ, Init, Lse, stride_qt, stride_qh, stride_ot,
+                                stride_oh, stride_kp, stride_kt, stride_vp, stride_vt, stride_ib, stride_ih, stride_im,
+                                stride_lb, stride_lh, stride_lm, max_pages, qk_scale, PAGE: tl.constexpr,
+                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                RESUME: tl.constexpr):
         m_block, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         q_start = tl.load(CuQ + b)
         q_len = tl.load(CuQ + b + 1) - q_start
@@ -417,9 +485,17 @@ if triton is not None:
         tokens = (q_start + offs_m).to(tl.int64)[:, None]
         q_mask = (offs_m < q_len)[:, None]
         q = tl.load(Q + tokens * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        if RESUME:  # the state after keys attended elsewhere: output o, log-sum-exp s -> acc = o, l = 1, m = s
+            init = Init + b.to(tl.int64) * stride_ib + h * stride_ih
+            acc = tl.load(init + offs_m[:, None].to(tl.int64) * stride_im + offs_d[None, :], mask=q_mask,
+                          other=0.0).to(tl.float32)
+            l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+            m_i = tl.load(Lse + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m * stride_lm,
+                          mask=offs_m < q_len, other=0.0) * 1.4426950408889634  # natural log to log2
+        else:
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         full_end = kv_len // BLOCK_N * BLOCK_N
         for start in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, K, V, table, start, kv_len, qk_scale, stride_kp,
