@@ -14,6 +14,7 @@ import torch
 
 from varserve.attention import (
     available_backends,
+    gather_rows,
     paged_attention,
     select_backend,
     slot_mapping,
@@ -317,6 +318,16 @@ def test_hybrid_runs_large_rows_of_ragged_heads_on_cudnn_and_triton(caplog: pyte
     assert any("cudnn" in k for k in kernels) and any("paged_attention" in k for k in kernels), kernels
     assert not any("failed" in m for m in caplog.messages), caplog.messages
     assert rel_error(out, dense_attention(requests, 128 ** -0.5)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.int64, 32), (torch.float32, 64)])
+def test_gather_rows_on_cuda_equals_indexing(dtype: torch.dtype, d: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    src = torch.randn(5000, d, generator=gen).mul(1000).to(dtype).cuda()
+    for shape in ((3, 5, 77), (1,), (0, 4)):
+        index = torch.randint(0, 5000, shape, generator=gen).cuda()
+        assert torch.equal(gather_rows(src, index), src[index])
 
 
 @pytest.mark.gpu

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from varserve.attention import (paged_attention, paged_attention_triton, slot_mapping, token_rows, upload, wide_rows,
-                                write_kv)
+from varserve.attention import (gather_rows, paged_attention, paged_attention_triton, slot_mapping, token_rows, upload,
+                                wide_rows, write_kv)
 from varserve.cache.block_manager import StepPages
 from varserve.cache.plan import ScoredCut, StaticCut
 from varserve.cache.scalekv import select_kept
@@ -45,7 +45,7 @@ class KVPool:
         src_slots, dst_slots = self.slots(table, rows, heads, src), self.slots(table, rows, heads, dst)
         for pages in (self.k_pages, self.v_pages):
             (flat,) = wide_rows(pages.view(-1, pages.shape[-1]))
-            flat.index_copy_(0, dst_slots, flat[src_slots])  # advanced indexing: PyTorch's vectorised gather
+            flat.index_copy_(0, dst_slots, gather_rows(flat, src_slots))
 
 
 class PagedKV:
@@ -182,7 +182,7 @@ class PagedKV:
         window = (meta.shape[1] - 3) // 2
         row, head = meta[:, 0, None, None], torch.arange(table.shape[1], device=table.device)[None, :, None]
         slots = self.pool.slots(table, row, head, torch.arange(longest, device=table.device))
-        keys = self.pool.k_pages.view(-1, self.pool.k_pages.shape[-1])[slots]
+        keys = gather_rows(self.pool.k_pages.view(-1, self.pool.k_pages.shape[-1]), slots)
         return select_kept(keys, raw_q[meta[:, 3 + window :]], meta[:, 3 : 3 + window], meta[:, 1], meta[:, 2], width)
 
 
