@@ -357,22 +357,20 @@ def _hybrid(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, se
     _place(out, _sdpa_parts(q, k_pages, v_pages, block_table, cu, lens, np.flatnonzero(large & equal), softmax_scale))
     _place(out, _split_parts(q, k_pages, v_pages, block_table, cu, lens, np.flatnonzero(large & ~equal), softmax_scale))
     if not large.all():
-        small = np.flatnonzero(~large)
-        tokens, part = _triton_rows(q, k_pages, v_pages, block_table, cu, small, lens[small], softmax_scale)
+        tokens, part = _triton_rows(q, k_pages, v_pages, block_table, cu, lens, np.flatnonzero(~large), softmax_scale)
         out[tokens] = part
     return out
 
 
-def _triton_rows(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, cu: np.ndarray, rows: np.ndarray,
-                 row_lens: np.ndarray, scale: float, resume: tuple[Tensor, Tensor] | None = None,
-                 ) -> tuple[slice | Tensor, Tensor]:
-    """(token selector, output) of one Triton launch over the first `row_lens [len(rows), H]` keys of `rows`."""
+def _triton_rows(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, cu: np.ndarray, lens: np.ndarray,
+                 rows: np.ndarray, scale: float) -> tuple[slice | Tensor, Tensor]:
+    """(token selector, output) of one Triton launch over `rows`."""
     qlen = np.diff(cu)[rows]
     tokens = _row_tokens(cu, rows, q.device)
     sub_cu = torch.from_numpy(np.concatenate([[0], np.cumsum(qlen)]).astype(np.int32))
     return tokens, paged_attention_triton(q[tokens], k_pages, v_pages, block_table[_selector(rows, q.device)],
-                                          torch.from_numpy(row_lens), sub_cu, int(qlen.max()), int(row_lens.max()),
-                                          scale, resume=resume)
+                                          torch.from_numpy(lens[rows]), sub_cu, int(qlen.max()), int(lens[rows].max()),
+                                          scale)
 
 
 def _split_parts(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, cu: np.ndarray,
@@ -384,12 +382,16 @@ def _split_parts(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
     parts = []
     for group in _groups(rows, np.stack([np.diff(cu)[rows], lens[rows].min(1)], axis=1)):
         num_rows, lq, tail = len(group), int(cu[group[0] + 1] - cu[group[0]]), int(lens[group].min())
-        slots = _kv_slots(block_table[_selector(group, q.device)], tail, k_pages.shape[1], start=lens[group] - tail)
+        tokens, tables = _row_tokens(cu, group, q.device), block_table[_selector(group, q.device)]
+        slots = _kv_slots(tables, tail, k_pages.shape[1], start=lens[group] - tail)
         k, v = (gather_rows(_flat(pages), slots).to(q.dtype) for pages in (k_pages, v_pages))
-        q_rows = q[_row_tokens(cu, group, q.device)].view(num_rows, lq, *q.shape[1:]).transpose(1, 2)
-        state = _attention_lse(q_rows, k, v, scale)
+        q_group = q[tokens]
+        state = _attention_lse(q_group.view(num_rows, lq, *q.shape[1:]).transpose(1, 2), k, v, scale)
         rest = lens[group] if state is None else lens[group] - tail
-        parts.append(_triton_rows(q, k_pages, v_pages, block_table, cu, group, rest, scale, resume=state))
+        cu_group = torch.arange(0, (num_rows + 1) * lq, lq, dtype=torch.int32)
+        out = paged_attention_triton(q_group, k_pages, v_pages, tables, torch.from_numpy(rest), cu_group, lq,
+                                     int(rest.max()), scale, resume=state)
+        parts.append((tokens, out))
     return parts
 
 

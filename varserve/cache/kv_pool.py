@@ -164,10 +164,11 @@ class PagedKV:
         kept = torch.cat([self._select(meta[i : i + chunk], table, raw_q, longest, width)
                           for i in range(0, len(meta), chunk)])
         moves, first, device = [], 0, table.device
+        head = torch.arange(heads, device=device)[None, :, None]
         for cut, rows in groups:
             stop = first + len(rows)
-            moves.append(_flat_moves(meta[first:stop, 0, None, None], torch.arange(heads, device=device)[None, :, None],
-                                     kept[first:stop, :, : cut.capacity], torch.arange(cut.capacity, device=device)))
+            moves.append(_flat_moves(meta[first:stop, 0, None, None], head, kept[first:stop, :, : cut.capacity],
+                                     torch.arange(cut.capacity, device=device)))
             first = stop
         return moves
 
