@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import varserve
 from varserve import Engine, SamplingParams
@@ -399,16 +398,3 @@ def test_steps_never_wait_for_the_device_on_cuda(policy: str, cuda_graphs: bool)
             torch.cuda.set_sync_debug_mode(0)
         assert len(outputs) == 3 and all(o.image is not None for o in outputs.values())
     assert not cuda_graphs or engine.runner.graphs.steps > len(engine.runner.graphs.graphs)
-
-
-def test_step_token_budget_defaults_by_device_and_policy(engine: Engine) -> None:
-    """On CUDA the full policy's steps stay at 131,072 tokens (its pages need the memory) and a policy that cuts takes
-    262,144; CPU takes 32,768; a given budget wins."""
-    from varserve.model_runner import _default_token_budget
-
-    assert engine.runner.max_num_batched_tokens == 32768
-    assert _default_token_budget(torch.device("cuda"), "full") == 131072
-    for policy in ("scalekv", "heatkv", "window", "streaming"):
-        assert _default_token_budget(torch.device("cuda"), policy) == 262144
-    given = Engine("test-small", dtype="float64", num_pages=64, page_size=16, max_num_batched_tokens=5000)
-    assert given.runner.max_num_batched_tokens == 5000

@@ -36,8 +36,7 @@ class Engine:
     kv_policy / kv_budget: which KV policy and which fraction of the full history cache it keeps.
     device / dtype: defaults: CUDA if available, bf16 on CUDA and float32 on CPU.
     gpu_memory_utilization: share of the device memory the engine may use (weights, activations, pages).
-    max_num_seqs / max_num_batched_tokens: running requests, and query tokens of one step, at most (default tokens:
-        131,072 with the full policy and 262,144 with a policy that cuts on CUDA, 32,768 on CPU).
+    max_num_seqs / max_num_batched_tokens: running requests, and query tokens of one step, at most.
     page_size: tokens per page (one head of one layer of one row); default 64 with the full policy, else 32.
     random_weights: no download.
     data_parallel_size: N > 1 builds a `varserve.parallel.DataParallelEngine` instead: N replicas of this

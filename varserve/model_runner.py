@@ -33,13 +33,6 @@ logger = logging.getLogger("varserve")
 # 32, as finer pages free more at each cut and waste less on rounding.
 DEFAULT_PAGE_SIZES = {"full": 64}
 CUT_PAGE_SIZE = 32
-# Query tokens of one step on CUDA when not given, by measurement on the H100 (README): a policy that cuts holds few
-# pages per image, so steps twice as large (half the launch-bound steps while admissions ramp up, fuller steps after)
-# ran 64 prompts 4-9% faster; the full policy's images need that memory for pages (at 262,144 the pool held 29 of 64
-# images at once and the run was 10% slower).
-DEFAULT_TOKEN_BUDGETS = {"full": 131072}
-CUT_TOKEN_BUDGET = 262144
-CPU_TOKEN_BUDGET = 32768
 CPU_KV_BYTES = 512 * 2**20  # pool size on CPU when num_pages is not given
 ACTIVATION_MARGIN = 1.2  # head room over the profiled peak step
 DECODE_PIXELS = 2 * 1024 * 1024  # pixels per VAE decode call: bounds the decoder's activations
@@ -80,7 +73,7 @@ class ModelRunner:
             loaded.config, loaded.transformer, loaded.vae, loaded.text_encoder)
         self.page_size = config.page_size or DEFAULT_PAGE_SIZES.get(policy.name, CUT_PAGE_SIZE)
         self.page_bytes = KVPool.page_bytes(self.page_size, self.model_config.head_dim, self.dtype)
-        self.max_num_batched_tokens = config.max_num_batched_tokens or _default_token_budget(self.device, policy.name)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or _default_token_budget(self.device)
         self.backend = select_backend(self.device, config.attention_backend)
         self.num_pages = config.num_pages or self._size_pool()
         self.pool = KVPool(self.num_pages, self.page_size, self.model_config.head_dim, self.dtype, self.device)
@@ -385,5 +378,5 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _default_token_budget(device: torch.device, policy: str) -> int:
-    return DEFAULT_TOKEN_BUDGETS.get(policy, CUT_TOKEN_BUDGET) if device.type == "cuda" else CPU_TOKEN_BUDGET
+def _default_token_budget(device: torch.device) -> int:
+    return 131072 if device.type == "cuda" else 32768
