@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import varserve
 from varserve import Engine, SamplingParams
@@ -398,3 +399,18 @@ def test_steps_never_wait_for_the_device_on_cuda(policy: str, cuda_graphs: bool)
             torch.cuda.set_sync_debug_mode(0)
         assert len(outputs) == 3 and all(o.image is not None for o in outputs.values())
     assert not cuda_graphs or engine.runner.graphs.steps > len(engine.runner.graphs.graphs)
+
+
+@pytest.mark.parametrize("user_setting", [None, "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
+def test_cuda_allocator_grows_segments_unless_the_user_configured_it(user_setting: str | None,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from varserve import model_runner
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    if user_setting:
+        monkeypatch.setenv(user_setting, "max_split_size_mb:512")
+    model_runner._growable_segments()
+    assert calls == ([] if user_setting else ["expandable_segments:True"])

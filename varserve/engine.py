@@ -35,7 +35,8 @@ class Engine:
         "test-deep": random weights, for tests) or a local weights directory/file.
     kv_policy / kv_budget: which KV policy and which fraction of the full history cache it keeps.
     device / dtype: defaults: CUDA if available, bf16 on CUDA and float32 on CPU.
-    gpu_memory_utilization: share of the device memory the engine may use (weights, activations, pages).
+    gpu_memory_utilization: share of the device memory the engine may use (weights, activations, pages). On CUDA the
+        engine turns on PyTorch's expandable segments for the process unless PYTORCH_CUDA_ALLOC_CONF is set.
     max_num_seqs / max_num_batched_tokens: running requests, and query tokens of one step, at most.
     page_size: tokens per page (one head of one layer of one row); default 64 with the full policy, else 32.
     random_weights: no download.
