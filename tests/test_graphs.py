@@ -21,6 +21,7 @@ from varserve.attention.paged import HYBRID_MIN_Q
 from varserve.cache import kv_pool, scalekv
 from varserve.cli import build_parser, main
 from varserve.graphs import TEXT_ROOM, StepGraphs
+from varserve.model_runner import graphs_refusal
 from varserve.models import infinity
 
 ENGINE = dict(dtype="float64", num_pages=40000, page_size=16, max_num_seqs=8)
@@ -299,6 +300,17 @@ def test_cuda_graphs_refuse_a_cpu_engine_and_are_off_there_by_default() -> None:
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         Engine("test-small", cuda_graphs=True, device="cpu", num_pages=100)
     assert Engine("test-small", device="cpu", num_pages=100).runner.graphs is None
+
+
+def test_cuda_graphs_need_cuda_a_half_dtype_and_a_backend_a_graph_can_hold() -> None:
+    """What `cuda_graphs=True` refuses with a ValueError, and where the default (None) leaves graphs off."""
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert graphs_refusal(cuda, torch.bfloat16, "hybrid") is None
+    assert graphs_refusal(cuda, torch.float16, "sdpa_gather") is None
+    assert "not cpu" in graphs_refusal(torch.device("cpu"), torch.bfloat16, "hybrid")
+    assert "torch.float32" in graphs_refusal(cuda, torch.float32, "triton")
+    for backend in ("varlen_fa2", "flash_attn", "reference"):
+        assert repr(backend) in graphs_refusal(cuda, torch.bfloat16, backend)
 
 
 def test_cuda_graphs_flag_of_the_cli() -> None:

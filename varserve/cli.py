@@ -118,7 +118,8 @@ def engine_resource_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--num-pages", type=int, help="fix the KV pool size in pages (default: sized from memory)")
     g.add_argument("--attention-backend", help="paged attention backend (default: automatic)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay small steps from CUDA graphs (default: wherever they can run: CUDA, bf16/fp16)")
+                   help="replay small steps from CUDA graphs (default: wherever they can run: CUDA, "
+                        "bf16/fp16, attention backend hybrid, triton or sdpa_gather)")
 
 
 def _device(text: str) -> str:

@@ -36,7 +36,8 @@ class Engine:
     kv_policy / kv_budget: which KV policy and which fraction of the full history cache it keeps.
     device / dtype: defaults: CUDA if available, bf16 on CUDA and float32 on CPU.
     gpu_memory_utilization: share of the device memory the engine may use (weights, activations, pages). On CUDA the
-        engine turns on PyTorch's expandable segments for the process unless PYTORCH_CUDA_ALLOC_CONF is set.
+        engine turns on PyTorch's expandable segments for the process unless PYTORCH_CUDA_ALLOC_CONF (or
+        PYTORCH_ALLOC_CONF) is set.
     max_num_seqs / max_num_batched_tokens: running requests, and query tokens of one step, at most.
     page_size: tokens per page (one head of one layer of one row); default 64 with the full policy, else 32.
     random_weights: no download.
@@ -48,7 +49,7 @@ class Engine:
     seed: seeds random weights (image seeds come from SamplingParams).
     kv_calibration: for scalekv/heatkv, a JSON written by `varserve calibrate` (else the one shipped, if any).
     cuda_graphs: replay small steps from CUDA graphs (`varserve/graphs.py`). None (default): on wherever they can
-        run (CUDA, bf16/fp16, a Triton or gathered-cuDNN attention backend); True: required (ValueError where
+        run (CUDA, bf16/fp16, attention backend hybrid, triton or sdpa_gather); True: required (ValueError where
         they cannot run); False: off.
     Every argument is validated by `EngineConfig` (ValueError naming the field).
     """

@@ -282,7 +282,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                    help=f"comma-separated KV policies (default: {DEFAULT_POLICIES}); full is always run")
     p.add_argument("--budgets", type=_floats, default=_floats(DEFAULT_BUDGETS),
                    help=f"comma-separated kv budgets of the non-full policies (default: {DEFAULT_BUDGETS})")
-    p.add_argument("--kv-calibration", help="calibration JSON (varserve calibrate); heatkv is skipped without one")
+    p.add_argument("--kv-calibration",
+                   help="calibration JSON (varserve calibrate); without one heatkv uses the model's shipped one (tiny "
+                        "has one) or is skipped")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i under every policy (default: 0)")
     p.add_argument("--output-json", type=Path,
                    help="result file (default: benchmarks/results/fidelity-<model>-<size>-<utc>.json)")

@@ -66,9 +66,6 @@ class StepGraphs:
         self.steps = 0  # steps run from static buffers (replayed when capturing); the benchmark resets it
         self._inputs: Tensor | None = None
         self._text: TextMemory | None = None
-        if capture and backend not in STATIC_ROUTES:
-            logger.warning("cuda_graphs: attention backend %r cannot run in a graph, so no step is captured (use "
-                           "%s)", backend, " or ".join(STATIC_ROUTES))
 
     def eligible(self, reqs: list[Request]) -> bool:
         """Whether a step can run from static buffers: few rows and tokens, and (when captured) an attention path

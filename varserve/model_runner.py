@@ -66,9 +66,10 @@ class ModelRunner:
         self.config, self.policy = config, policy
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, config.dtype) if config.dtype else _default_dtype(self.device)
-        if config.cuda_graphs and not self._graphs_can_run():
-            raise ValueError(f"cuda_graphs needs a CUDA device and bfloat16 or float16 (FlashAttention's varlen "
-                             f"cross-attention), not {self.device} {self.dtype}")
+        self.backend = select_backend(self.device, config.attention_backend)
+        self.graphs_refusal = graphs_refusal(self.device, self.dtype, self.backend)
+        if config.cuda_graphs and self.graphs_refusal:
+            raise ValueError(f"cuda_graphs needs {self.graphs_refusal}")
         if self.device.type == "cuda":
             _growable_segments()
         loaded = load_model(config.model, device=self.device, dtype=self.dtype,
@@ -78,7 +79,6 @@ class ModelRunner:
         self.page_size = config.page_size or DEFAULT_PAGE_SIZES.get(policy.name, CUT_PAGE_SIZE)
         self.page_bytes = KVPool.page_bytes(self.page_size, self.model_config.head_dim, self.dtype)
         self.max_num_batched_tokens = config.max_num_batched_tokens or _default_token_budget(self.device)
-        self.backend = select_backend(self.device, config.attention_backend)
         self.num_pages = config.num_pages or self._size_pool()
         self.pool = KVPool(self.num_pages, self.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.states: dict[str, RequestState] = {}
@@ -87,15 +87,11 @@ class ModelRunner:
         self.timer: StageTimer | None = None  # set by the benchmark to split device time by stage
         self.graphs = self._step_graphs()
 
-    def _graphs_can_run(self) -> bool:
-        return self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
-
     def _step_graphs(self) -> StepGraphs | None:
-        """Captured small steps when asked for, or by default where they run (and the backend has a path a graph
-        can hold)."""
+        """Captured small steps when asked for, or by default wherever they can run (`graphs_refusal`)."""
         wanted = self.config.cuda_graphs
         if wanted is None:
-            wanted = self._graphs_can_run() and self.backend in STATIC_ROUTES
+            wanted = self.graphs_refusal is None
         logger.info("CUDA graphs: %s", f"on (steps of at most {GRAPH_MAX_ROWS} rows and {GRAPH_MAX_TOKENS} tokens)"
                     if wanted else "off")
         return StepGraphs(self.model, self.pool, self.backend, capture=True) if wanted else None
@@ -367,6 +363,15 @@ class _ProfileKV:
         k, v = k.repeat(1, 1, reps, 1), v.repeat(1, 1, reps, 1)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
         return out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1])
+
+
+def graphs_refusal(device: torch.device, dtype: torch.dtype, backend: str) -> str | None:
+    """What captured steps would need that this runner lacks, or None where they can run."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return f"a CUDA device and bfloat16 or float16 (FlashAttention's varlen cross-attention), not {device} {dtype}"
+    if backend not in STATIC_ROUTES:
+        return f"an attention backend a graph can hold ({', '.join(STATIC_ROUTES)}), not {backend!r}"
+    return None
 
 
 def _growable_segments() -> None:
