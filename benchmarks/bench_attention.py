@@ -42,7 +42,7 @@ SHAPES = {
     "mixed": [(2, 4096, 10521), (2, 2304, 6425), (4, 1024, 2521), (8, 256, 521), (8, 64, 121), (8, 4, 5)],
 }
 SMOKE_SHAPES = {"64x121": [(3, 64, 121)], "mixed": [(2, 36, 57), (3, 4, 5), (2, 16, 21)]}
-PAGED_BACKENDS = ("sdpa_gather", "triton", "varlen_fa2", "hybrid")
+PAGED_BACKENDS = ("sdpa_gather", "triton", "varlen_fa2", "hybrid", "cudnn")
 
 
 @dataclass

@@ -224,6 +224,60 @@ def test_flash_attn_layout_with_cpu_stand_in(monkeypatch: pytest.MonkeyPatch) ->
         paged.BACKENDS["flash_attn"].fn(**batch(Pool(50, 16, 3, 16, torch.float64), requests))
 
 
+class CudnnStandIn:
+    """What the cudnn backend asks of cuDNN, done in plain torch: per sequence b' (< the graph's count), its
+    queries at q's flat ragged offset with token stride H * d, keys through its table row, outputs at the same
+    offsets. Padding sequences must ask for nothing; every output element must be written."""
+
+    def __init__(self, shape, dtype, pool_pages, page_size, head_dim, heads, scale, handle):
+        self.shape, self.page_size, self.heads, self.scale = shape, page_size, heads, scale
+
+    def run(self, q, k_pages, v_pages, table, meta, handle):
+        n, d, stride = self.shape.sequences, q.shape[-1], self.heads * q.shape[-1]
+        assert table.shape == (n, self.shape.pages) and meta.shape[1] % 4 == 0
+        flat_q, out = q.reshape(-1), torch.full((q.numel(),), math.nan, dtype=q.dtype)
+        for offset, lq, lk, pages in zip(meta[0, :n].tolist(), meta[1].tolist(), meta[2].tolist(), table):
+            if lq == 0:
+                assert lk == 0 and offset == q.numel()
+                continue
+            assert lq <= self.shape.max_q and lk <= self.shape.pages * self.page_size
+            index = offset + torch.arange(lq)[:, None] * stride + torch.arange(d)
+            slots = pages[torch.arange(lk) // self.page_size].long() * self.page_size + torch.arange(lk) % self.page_size
+            k, v = (x.view(-1, d)[slots] for x in (k_pages, v_pages))
+            out[index] = torch.softmax(flat_q[index] @ k.T * self.scale, dim=-1) @ v
+        assert meta[0, n] == q.numel()
+        return out.view(q.shape)
+
+
+def test_cudnn_sequence_layout_with_cpu_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cudnn backend's (row, head) sequences, ragged offsets, padding and tables, cuDNN replaced by
+    CudnnStandIn; 7 requests of 2 rows and 3 heads: 42 sequences, padded to 64."""
+    from varserve.attention import cudnn_paged
+
+    monkeypatch.setattr(cudnn_paged, "PagedGraph", CudnnStandIn)
+    monkeypatch.setattr(cudnn_paged, "_handle", lambda device: None)
+    cudnn_paged._graph.cache_clear()
+    pool = Pool(4000, 4, heads=3, dim=16, dtype=torch.float64)
+    requests = ragged_requests(pool, np.random.default_rng(3))
+    out = cudnn_paged.paged_attention_cudnn(**batch(pool, requests))
+    assert rel_error(out, dense_attention(requests, 16 ** -0.5)) < 1e-12
+    assert cudnn_paged._graph.cache_info().currsize == 1  # one call over every row: one graph
+    cudnn_paged._graph.cache_clear()
+
+
+def test_cudnn_graph_shapes_round_up_to_powers_of_two() -> None:
+    from varserve.attention.cudnn_paged import GraphShape, sequence_metadata
+
+    assert GraphShape.of(rows=6, heads=16, max_q=1024, pages=80) == GraphShape(128, 1024, 128)
+    assert GraphShape.of(rows=1, heads=1, max_q=1, pages=1) == GraphShape(1, 1, 1)
+    meta = sequence_metadata(np.array([0, 4, 5]), np.array([[5, 3], [1, 1]]), head_dim=8, sequences=4)
+    assert meta.dtype == np.int32 and meta.shape == (3, 8)
+    assert meta[0].tolist() == [0, 8, 64, 72, 80, 80, 80, 80]  # (token * 2 heads + head) * 8; then the end
+    assert meta[1, :4].tolist() == [4, 4, 1, 1] and meta[2, :4].tolist() == [5, 3, 1, 1]
+    with pytest.raises(ValueError, match="int32"):
+        sequence_metadata(np.array([0, 2**22]), np.ones((1, 64), dtype=np.int64), head_dim=1024, sequences=64)
+
+
 @pytest.mark.skipif("triton" not in available_backends("cpu"),
                     reason="checks the Triton kernel on CPU only under TRITON_INTERPRET=1 with triton installed")
 @pytest.mark.parametrize("page_size", [4, 16, 64])
@@ -268,10 +322,12 @@ def gpu_requests(pool: Pool, rng: np.random.Generator, uniform: bool) -> list[Re
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["sdpa_gather", "triton", "varlen_fa2", "hybrid"])
+@pytest.mark.parametrize("backend", ["sdpa_gather", "triton", "varlen_fa2", "hybrid", "cudnn"])
 @pytest.mark.parametrize("page_size", [16, 64, 256])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_cuda_backends_match_dense(backend: str, page_size: int, dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"{backend} is not installed here")
     monkeypatch.setattr("varserve.attention.paged.HYBRID_MIN_Q", 100)  # splits these rows between both paths
     pool = Pool(8000, page_size, heads=16, dim=dim, dtype=torch.bfloat16, device="cuda")
     rng = np.random.default_rng(page_size)
@@ -317,6 +373,27 @@ def test_hybrid_runs_large_rows_of_ragged_heads_on_cudnn_and_triton(caplog: pyte
     kernels = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
     assert any("cudnn" in k for k in kernels) and any("paged_attention" in k for k in kernels), kernels
     assert not any("failed" in m for m in caplog.messages), caplog.messages
+    assert rel_error(out, dense_attention(requests, 128 ** -0.5)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_cudnn_runs_rows_of_any_scale_and_ragged_heads_in_one_cudnn_call(caplog: pytest.LogCaptureFixture) -> None:
+    """HeatKV's 1024-query rows (per-head history), a 256-query row and a 1-query row: 8 rows, 128 sequences,
+    cuDNN only (no gather, no Triton)."""
+    if "cudnn" not in available_backends("cuda"):
+        pytest.skip("the cuDNN frontend is not installed")
+    pool = Pool(20000, 32, heads=16, dim=128, dtype=torch.bfloat16, device="cuda")
+    rng = np.random.default_rng(1)
+    requests = [pool.add(1024, 1024 + rng.integers(21, 1498, (ROWS, 16))) for _ in range(2)]
+    requests += [pool.add(256, 521), pool.add(1, 1)]
+    with caplog.at_level(logging.INFO, logger="varserve"), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = paged_attention(**batch(pool, requests), backend="cudnn")
+        torch.cuda.synchronize()
+    kernels = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    assert sum("cudnn" in k for k in kernels) == 1, kernels
+    assert not any("paged_attention" in k or "gather" in k for k in kernels), kernels
+    assert not any("no paged SDPA graph" in m for m in caplog.messages), caplog.messages
     assert rel_error(out, dense_attention(requests, 128 ** -0.5)) < TOLERANCE[torch.bfloat16]
 
 

@@ -119,7 +119,7 @@ def engine_resource_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--attention-backend", help="paged attention backend (default: automatic)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay small steps from CUDA graphs (default: wherever they can run: CUDA, "
-                        "bf16/fp16, attention backend hybrid, triton or sdpa_gather)")
+                        "bf16/fp16, attention backend cudnn, hybrid, triton or sdpa_gather)")
 
 
 def _device(text: str) -> str:

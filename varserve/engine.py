@@ -45,11 +45,12 @@ class Engine:
         engine in their own processes, one per GPU, behind the same API (1: this engine, no overhead).
     num_pages: fixes the KV pool's size in pages (else sized from gpu_memory_utilization on CUDA, 512 MiB on CPU).
     weights: a local folder or file of the model's official weights (else they are downloaded).
-    attention_backend: the paged attention backend (`varserve.attention.available_backends`); default by device.
+    attention_backend: the paged attention backend (`varserve.attention.available_backends`); default by device
+        (CUDA: `cudnn` where the cuDNN frontend is installed, else `hybrid`; CPU: `reference`).
     seed: seeds random weights (image seeds come from SamplingParams).
     kv_calibration: for scalekv/heatkv, a JSON written by `varserve calibrate` (else the one shipped, if any).
     cuda_graphs: replay small steps from CUDA graphs (`varserve/graphs.py`). None (default): on wherever they can
-        run (CUDA, bf16/fp16, attention backend hybrid, triton or sdpa_gather); True: required (ValueError where
+        run (CUDA, bf16/fp16, attention backend cudnn, hybrid, triton or sdpa_gather); True: required (ValueError where
         they cannot run); False: off.
     Every argument is validated by `EngineConfig` (ValueError naming the field).
     """

@@ -27,7 +27,8 @@ from varserve.scheduler.request import Request
 
 logger = logging.getLogger("varserve")
 
-STATIC_ROUTES = ("hybrid", "triton", "sdpa_gather")  # backends with a path that a graph can hold
+# backends with a path that a graph can hold; cudnn's captured steps take hybrid's routes (its calls upload metadata)
+STATIC_ROUTES = ("hybrid", "cudnn", "triton", "sdpa_gather")
 
 GRAPH_MAX_TOKENS = 8192  # steps of at most this many tokens (all rows: one 1024x1024 CFG image's last scale)
 GRAPH_MAX_ROWS = 8  # and at most this many rows: larger steps keep the device busy on their own
@@ -77,8 +78,9 @@ class StepGraphs:
     def route(self, reqs: list[Request]) -> tuple[str, ...] | None:
         """Per layer, the attention backend of a captured step ('triton' or 'sdpa_gather'), None if a layer has
         none: the configured backend's choice for these rows there, when it needs no host read or upload inside
-        the step (hybrid's: gathered cuDNN for rows of >= HYBRID_MIN_Q queries and one KV length on every head,
-        the Triton kernel for the others; gathered cuDNN needs rows of one shape, one group of rows)."""
+        the step (hybrid's, which cudnn's steps take too: gathered cuDNN for rows of >= HYBRID_MIN_Q queries and
+        one KV length on every head, the Triton kernel for the others; gathered cuDNN needs rows of one shape, one
+        group of rows)."""
         depth = reqs[0].plan.kept.shape[1]
         if self.backend == "triton":
             return ("triton",) * depth
@@ -86,7 +88,7 @@ class StepGraphs:
         routes = []
         for layer in range(depth):
             equal = [_heads_equal(r, layer) for r in reqs]
-            if self.backend == "hybrid":
+            if self.backend in ("hybrid", "cudnn"):
                 large = [e and r.schedule.tokens[r.scale] >= HYBRID_MIN_Q for r, e in zip(reqs, equal)]
                 route = "triton" if not any(large) else "sdpa_gather" if all(large) and one_shape else None
             else:

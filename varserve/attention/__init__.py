@@ -15,6 +15,7 @@ from varserve.attention.paged import (
     write_kv,
 )
 from varserve.attention.varlen import varlen_attention
+from varserve.attention.cudnn_paged import paged_attention_cudnn  # importing it registers the cudnn backend
 
 __all__ = [
     "BACKENDS",
@@ -22,6 +23,7 @@ __all__ = [
     "available_backends",
     "gather_rows",
     "paged_attention",
+    "paged_attention_cudnn",
     "paged_attention_triton",
     "select_backend",
     "slot_mapping",

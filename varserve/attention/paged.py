@@ -32,7 +32,7 @@ except ImportError:  # torch < 2.10
 
 logger = logging.getLogger("varserve")
 ENV_BACKEND = "VARSERVE_ATTENTION_BACKEND"
-DEFAULT_BACKENDS = {"cpu": "reference", "cuda": "hybrid"}
+DEFAULT_BACKENDS = {"cpu": ("reference",), "cuda": ("cudnn", "hybrid")}  # the first available one
 HYBRID_MIN_Q = 1024  # rows with at least this many queries go to dense SDPA, the rest to one Triton launch
 # cuDNN first, whatever the process-wide order: after any `sdpa_kernel(..., set_priority=True)` elsewhere torch
 # prefers FA2, which measured ~1.6x slower than cuDNN on the H100 at Infinity's large scales.
@@ -66,12 +66,24 @@ def available_backends(device: torch.device | str) -> list[str]:
 def select_backend(device: torch.device | str, name: str | None = None) -> str:
     """`name`, else $VARSERVE_ATTENTION_BACKEND, else the device's default; ValueError if unavailable."""
     device = torch.device(device)
-    name = name or os.environ.get(ENV_BACKEND) or DEFAULT_BACKENDS.get(device.type, "reference")
+    name = name or os.environ.get(ENV_BACKEND) or default_backend(device)
     if name not in BACKENDS or not BACKENDS[name].available(device):
         raise ValueError(f"attention backend {name!r} is not available on {device}; "
                          f"available: {available_backends(device)}")
     _log_once(f"paged attention backend: {name} ({device.type})")
     return name
+
+
+def default_backend(device: torch.device) -> str:
+    """The device's first available default backend (else its last, which select_backend then refuses); logs
+    the preferred ones it passes over."""
+    preferred = DEFAULT_BACKENDS.get(device.type, ("reference",))
+    for name in preferred[:-1]:
+        if BACKENDS[name].available(device):
+            return name
+        _log_once(f"paged attention backend {name} is not available on {device.type}"
+                  + (" (pip install 'varserve[cudnn]': the cuDNN frontend)" if name == "cudnn" else ""))
+    return preferred[-1]
 
 
 @functools.lru_cache(maxsize=None)
