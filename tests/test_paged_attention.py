@@ -39,14 +39,20 @@ class Request:
     lens: np.ndarray  # [ROWS, H] kv length of each (row, head)
 
 
+# cuDNN loads whole pages and masks the scores past each length, so a NaN there still poisons the sum (0 * NaN):
+# its pools are poisoned with large finite values instead (the engine's pools start zeroed and hold only K/V).
+CUDNN_POISON = 1e4
+
+
 class Pool:
-    """Pools poisoned with NaN, pages handed out in shuffled order, and the requests written into them."""
+    """Pools poisoned with NaN (or `poison`), pages handed out in shuffled order, and the requests written into
+    them."""
 
     def __init__(self, num_pages: int, page_size: int, heads: int, dim: int, dtype: torch.dtype,
-                 device: str = "cpu", seed: int = 0) -> None:
+                 device: str = "cpu", seed: int = 0, poison: float = math.nan) -> None:
         self.alloc = BlockAllocator(num_pages)
         self.alloc.free(np.random.default_rng(seed).permutation(self.alloc.allocate(num_pages - 1)))
-        self.k_pages, self.v_pages = (torch.full((num_pages, page_size, dim), math.nan, dtype=dtype, device=device)
+        self.k_pages, self.v_pages = (torch.full((num_pages, page_size, dim), poison, dtype=dtype, device=device)
                                       for _ in range(2))
         self.page_size, self.heads, self.dim, self.dtype, self.device = page_size, heads, dim, dtype, device
         self.gen = torch.Generator().manual_seed(seed)
@@ -226,42 +232,47 @@ def test_flash_attn_layout_with_cpu_stand_in(monkeypatch: pytest.MonkeyPatch) ->
 
 class CudnnStandIn:
     """What the cudnn backend asks of cuDNN, done in plain torch: per sequence b' (< the graph's count), its
-    queries at q's flat ragged offset with token stride H * d, keys through its table row, outputs at the same
-    offsets. Padding sequences must ask for nothing; every output element must be written."""
+    queries at q's flat ragged offset with token stride H * d, keys through its table row, outputs to the same
+    elements of out. Padding sequences must ask for nothing; no element may be written twice."""
 
     def __init__(self, shape, dtype, pool_pages, page_size, head_dim, heads, scale, handle):
         self.shape, self.page_size, self.heads, self.scale = shape, page_size, heads, scale
 
-    def run(self, q, k_pages, v_pages, table, meta, handle):
+    def run(self, q, k_pages, v_pages, table, meta, out, handle):
         n, d, stride = self.shape.sequences, q.shape[-1], self.heads * q.shape[-1]
-        assert table.shape == (n, self.shape.pages) and meta.shape[1] % 4 == 0
-        flat_q, out = q.reshape(-1), torch.full((q.numel(),), math.nan, dtype=q.dtype)
+        assert table.shape == (n, self.shape.pages) and meta.shape[1] % 4 == 0 and meta[0, n] == q.numel()
+        flat_q, flat_out, written = q.reshape(-1), out.view(-1), torch.zeros(q.numel(), dtype=torch.bool)
         for offset, lq, lk, pages in zip(meta[0, :n].tolist(), meta[1].tolist(), meta[2].tolist(), table):
             if lq == 0:
                 assert lk == 0 and offset == q.numel()
                 continue
             assert lq <= self.shape.max_q and lk <= self.shape.pages * self.page_size
-            index = offset + torch.arange(lq)[:, None] * stride + torch.arange(d)
+            index = (offset + torch.arange(lq)[:, None] * stride + torch.arange(d)).reshape(-1)
+            assert not written[index].any()
+            written[index] = True
             slots = pages[torch.arange(lk) // self.page_size].long() * self.page_size + torch.arange(lk) % self.page_size
             k, v = (x.view(-1, d)[slots] for x in (k_pages, v_pages))
-            out[index] = torch.softmax(flat_q[index] @ k.T * self.scale, dim=-1) @ v
-        assert meta[0, n] == q.numel()
-        return out.view(q.shape)
+            scores = flat_q[index].view(lq, d) @ k.T * self.scale
+            flat_out[index] = (torch.softmax(scores, dim=-1) @ v).reshape(-1)
 
 
-def test_cudnn_sequence_layout_with_cpu_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("min_q", [0, 16])
+def test_cudnn_sequence_layout_with_cpu_stand_in(min_q: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cudnn backend's (row, head) sequences, ragged offsets, padding and tables, cuDNN replaced by
-    CudnnStandIn; 7 requests of 2 rows and 3 heads: 42 sequences, padded to 64."""
+    CudnnStandIn and the Triton kernel by the reference backend. 7 requests of 2 rows and 3 heads; min_q 0: all
+    42 sequences on cuDNN, padded to 64; 16: the rows of 16 and 36 queries on cuDNN, those of 1 and 4 on Triton."""
     from varserve.attention import cudnn_paged
 
     monkeypatch.setattr(cudnn_paged, "PagedGraph", CudnnStandIn)
     monkeypatch.setattr(cudnn_paged, "_handle", lambda device: None)
+    monkeypatch.setattr(cudnn_paged, "HYBRID_MIN_Q", min_q)
+    monkeypatch.setattr(paged, "paged_attention_triton", paged.BACKENDS["reference"].fn)
     cudnn_paged._graph.cache_clear()
     pool = Pool(4000, 4, heads=3, dim=16, dtype=torch.float64)
     requests = ragged_requests(pool, np.random.default_rng(3))
     out = cudnn_paged.paged_attention_cudnn(**batch(pool, requests))
     assert rel_error(out, dense_attention(requests, 16 ** -0.5)) < 1e-12
-    assert cudnn_paged._graph.cache_info().currsize == 1  # one call over every row: one graph
+    assert cudnn_paged._graph.cache_info().currsize == 1  # one cuDNN call over the large rows: one graph
     cudnn_paged._graph.cache_clear()
 
 
@@ -270,12 +281,14 @@ def test_cudnn_graph_shapes_round_up_to_powers_of_two() -> None:
 
     assert GraphShape.of(rows=6, heads=16, max_q=1024, pages=80) == GraphShape(128, 1024, 128)
     assert GraphShape.of(rows=1, heads=1, max_q=1, pages=1) == GraphShape(1, 1, 1)
-    meta = sequence_metadata(np.array([0, 4, 5]), np.array([[5, 3], [1, 1]]), head_dim=8, sequences=4)
+    cu, lens = np.array([0, 4, 5, 7]), np.array([[5, 3], [1, 1], [2, 9]])
+    meta = sequence_metadata(cu, lens, np.array([0, 2]), head_dim=8, sequences=4)
     assert meta.dtype == np.int32 and meta.shape == (3, 8)
-    assert meta[0].tolist() == [0, 8, 64, 72, 80, 80, 80, 80]  # (token * 2 heads + head) * 8; then the end
-    assert meta[1, :4].tolist() == [4, 4, 1, 1] and meta[2, :4].tolist() == [5, 3, 1, 1]
+    assert meta[0].tolist() == [0, 8, 80, 88, 112, 112, 112, 112]  # (token * 2 heads + head) * 8; then the end
+    assert meta[1, :4].tolist() == [4, 4, 2, 2] and meta[2, :4].tolist() == [5, 3, 2, 9]
     with pytest.raises(ValueError, match="int32"):
-        sequence_metadata(np.array([0, 2**22]), np.ones((1, 64), dtype=np.int64), head_dim=1024, sequences=64)
+        sequence_metadata(np.array([0, 2**22]), np.ones((1, 64), dtype=np.int64), np.array([0]), head_dim=1024,
+                          sequences=64)
 
 
 @pytest.mark.skipif("triton" not in available_backends("cpu"),
@@ -328,8 +341,10 @@ def gpu_requests(pool: Pool, rng: np.random.Generator, uniform: bool) -> list[Re
 def test_cuda_backends_match_dense(backend: str, page_size: int, dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
     if backend not in available_backends("cuda"):
         pytest.skip(f"{backend} is not installed here")
-    monkeypatch.setattr("varserve.attention.paged.HYBRID_MIN_Q", 100)  # splits these rows between both paths
-    pool = Pool(8000, page_size, heads=16, dim=dim, dtype=torch.bfloat16, device="cuda")
+    for module in ("paged", "cudnn_paged"):  # splits these rows between both paths of hybrid and cudnn
+        monkeypatch.setattr(f"varserve.attention.{module}.HYBRID_MIN_Q", 100)
+    pool = Pool(8000, page_size, heads=16, dim=dim, dtype=torch.bfloat16, device="cuda",
+                poison=CUDNN_POISON if backend == "cudnn" else math.nan)
     rng = np.random.default_rng(page_size)
     for uniform in (True, False):
         requests = gpu_requests(pool, rng, uniform)
@@ -382,7 +397,7 @@ def test_cudnn_runs_rows_of_any_scale_and_ragged_heads_in_one_cudnn_call(caplog:
     cuDNN only (no gather, no Triton)."""
     if "cudnn" not in available_backends("cuda"):
         pytest.skip("the cuDNN frontend is not installed")
-    pool = Pool(20000, 32, heads=16, dim=128, dtype=torch.bfloat16, device="cuda")
+    pool = Pool(20000, 32, heads=16, dim=128, dtype=torch.bfloat16, device="cuda", poison=CUDNN_POISON)
     rng = np.random.default_rng(1)
     requests = [pool.add(1024, 1024 + rng.integers(21, 1498, (ROWS, 16))) for _ in range(2)]
     requests += [pool.add(256, 521), pool.add(1, 1)]

@@ -5,7 +5,10 @@ hold one head (HeatKV keeps different tokens per head). So each (row, head) is g
 its own with one head, b' = row * H + head, its page table that (row, head)'s block table row. Its queries stay
 where the model wrote them: ragged offsets point sequence b' at head `head` of its row's first token in the
 token-major q `[T, H, d]` (token stride H * d), and the output lands in the same layout. So one call attends
-every row of a layer, whatever its scale and whatever KV length each head keeps, with nothing gathered.
+every large row of a layer, whatever its scale and whatever KV length each head keeps, with nothing gathered.
+Rows of fewer than HYBRID_MIN_Q queries go to one Triton launch, as in `hybrid` (faster there: 256 x 521 ran at
+49% of dense cuDNN on Triton, 35% on paged cuDNN), which also keeps a captured small step's kernels those of the
+eager one (`varserve/graphs.py`).
 
 A cuDNN graph is built per (sequences, longest q, table width), each rounded up to a power of two so that a run
 builds a few dozen and reuses them; padding sequences have no queries and no keys. A shape cuDNN refuses runs
@@ -24,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from varserve.attention.paged import BACKENDS, _backend, _host_plan, upload
+from varserve.attention.paged import (BACKENDS, HYBRID_MIN_Q, _backend, _host_plan, _selector, _triton_rows,
+                                      paged_attention_triton, upload)
 
 logger = logging.getLogger("varserve")
 MIN_CUDNN = 91000  # cuDNN 9.10: packed (ragged) queries with paged K/V
@@ -67,20 +71,21 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def sequence_metadata(cu: np.ndarray, lens: np.ndarray, head_dim: int, sequences: int) -> np.ndarray:
-    """int32 `[3, width]` for rows with packed query offsets `cu [B+1]` and KV lengths `lens [B, H]`, as
-    sequences b' = row * H + head (`sequences` >= B * H of them, the rest padding): row 0 the ragged offset of
-    each sequence's first query in elements of q `[T, H, d]`, then the end (T * H * d) for the padding and one
-    past the last; row 1 the query counts; row 2 the key counts. `width` (>= sequences + 1) is a multiple of 4,
-    so each row starts 16-byte aligned."""
-    rows, heads = lens.shape
+def sequence_metadata(cu: np.ndarray, lens: np.ndarray, rows: np.ndarray, head_dim: int, sequences: int
+                      ) -> np.ndarray:
+    """int32 `[3, width]` for `rows` (indices into packed query offsets `cu [B+1]` and KV lengths `lens [B, H]`)
+    as sequences b' = i * H + head for the i-th of them (`sequences` >= len(rows) * H, the rest padding): row 0
+    the ragged offset of each sequence's first query in elements of q `[T, H, d]`, then the end (T * H * d) for
+    the padding and one past the last; row 1 the query counts; row 2 the key counts. `width` (>= sequences + 1)
+    is a multiple of 4, so each row starts 16-byte aligned."""
+    heads = lens.shape[1]
+    n = len(rows) * heads
     width = -(-(sequences + 1) // 4) * 4
     meta = np.zeros((3, width), dtype=np.int64)
-    head = np.arange(heads)
     meta[0, :] = cu[-1] * heads * head_dim
-    meta[0, : rows * heads] = ((cu[:-1, None] * heads + head) * head_dim).reshape(-1)
-    meta[1, : rows * heads] = np.repeat(np.diff(cu), heads)
-    meta[2, : rows * heads] = lens.reshape(-1)
+    meta[0, :n] = ((cu[rows, None] * heads + np.arange(heads)) * head_dim).reshape(-1)
+    meta[1, :n] = np.repeat(np.diff(cu)[rows], heads)
+    meta[2, :n] = lens[rows].reshape(-1)
     if meta.max() >= 2**31:
         raise ValueError(f"cudnn backend: offsets past int32 ({int(meta.max())} elements of q)")
     return meta.astype(np.int32)
@@ -121,9 +126,10 @@ class PagedGraph:
         graph.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         self.graph, self.workspace_bytes, self.shape = graph, graph.get_workspace_size(), shape
 
-    def run(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, table: Tensor, meta: Tensor, handle) -> Tensor:
-        """Attention `[T, H, d]` of q over the pages; table `[sequences, pages]`, meta from sequence_metadata."""
-        out = torch.empty_like(q)
+    def run(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, table: Tensor, meta: Tensor, out: Tensor,
+            handle) -> None:
+        """Attention of the sequences' queries in q `[T, H, d]` over the pages, written to the same elements of
+        out; table `[sequences, pages]`, meta from sequence_metadata."""
         n = self.shape.sequences
         offsets, seq_q, seq_kv = meta[0, : n + 1], meta[1, :n], meta[2, :n]
         workspace = torch.empty(max(1, self.workspace_bytes), dtype=torch.uint8, device=q.device)
@@ -131,7 +137,6 @@ class PagedGraph:
         self.graph.execute({self.q: q, self.q_offsets: offsets, self.o_offsets: offsets, self.k: k_pages,
                             self.v: v_pages, self.k_table: table, self.v_table: table, self.seq_q: seq_q,
                             self.seq_kv: seq_kv, self.o: out}, workspace, handle=handle)
-        return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,15 +162,33 @@ def _graph(shape: GraphShape, dtype: torch.dtype, pool_pages: int, page_size: in
 @_backend("cudnn", cudnn_available)
 def paged_attention_cudnn(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
                           cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float) -> Tensor:
-    """paged_attention in one cuDNN call over every row (see the module docstring); bf16 or fp16."""
+    """paged_attention: one cuDNN call over the rows of >= HYBRID_MIN_Q queries, one Triton launch over the
+    others (see the module docstring); bf16 or fp16."""
     cu, lens = _host_plan(cu_seqlens_q, seqlens_k)
-    rows, heads, pages = block_table.shape
-    shape = GraphShape.of(rows, heads, int(np.diff(cu).max()), pages)
-    graph = _graph(shape, q.dtype, k_pages.shape[0], k_pages.shape[1], q.shape[-1], heads, float(softmax_scale),
-                   q.device)
-    if graph is None:
+    large = np.diff(cu) >= HYBRID_MIN_Q
+    if not large.any():
+        return paged_attention_triton(q, k_pages, v_pages, block_table, seqlens_k, cu_seqlens_q, max_seqlen_q,
+                                      max_seqlen_k, softmax_scale)
+    q, out = q.contiguous(), torch.empty_like(q)
+    if not _cudnn_rows(q, k_pages, v_pages, block_table, cu, lens, np.flatnonzero(large), softmax_scale, out):
         return BACKENDS[FALLBACK].fn(q, k_pages, v_pages, block_table, seqlens_k, cu_seqlens_q, max_seqlen_q,
                                      max_seqlen_k, softmax_scale)
-    meta = upload(sequence_metadata(cu, lens, q.shape[-1], shape.sequences), q.device)
-    table = F.pad(block_table.reshape(rows * heads, pages), (0, shape.pages - pages, 0, shape.sequences - rows * heads))
-    return graph.run(q.contiguous(), k_pages, v_pages, table.contiguous(), meta, _handle(q.device))
+    if not large.all():
+        tokens, part = _triton_rows(q, k_pages, v_pages, block_table, cu, lens, np.flatnonzero(~large), softmax_scale)
+        out[tokens] = part
+    return out
+
+
+def _cudnn_rows(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, cu: np.ndarray, lens: np.ndarray,
+                rows: np.ndarray, scale: float, out: Tensor) -> bool:
+    """Attention of `rows` into their tokens of out, in one cuDNN call; False where cuDNN has no graph."""
+    heads, pages = block_table.shape[1:]
+    shape = GraphShape.of(len(rows), heads, int(np.diff(cu)[rows].max()), pages)
+    graph = _graph(shape, q.dtype, k_pages.shape[0], k_pages.shape[1], q.shape[-1], heads, float(scale), q.device)
+    if graph is None:
+        return False
+    meta = upload(sequence_metadata(cu, lens, rows, q.shape[-1], shape.sequences), q.device)
+    tables = block_table[_selector(rows, q.device)].reshape(len(rows) * heads, pages)
+    tables = F.pad(tables, (0, shape.pages - pages, 0, shape.sequences - len(rows) * heads)).contiguous()
+    graph.run(q, k_pages, v_pages, tables, meta, out, _handle(q.device))
+    return True
