@@ -392,9 +392,9 @@ def test_hybrid_runs_large_rows_of_ragged_heads_on_cudnn_and_triton(caplog: pyte
 
 
 @pytest.mark.gpu
-def test_cudnn_runs_rows_of_any_scale_and_ragged_heads_in_one_cudnn_call(caplog: pytest.LogCaptureFixture) -> None:
-    """HeatKV's 1024-query rows (per-head history), a 256-query row and a 1-query row: 8 rows, 128 sequences,
-    cuDNN only (no gather, no Triton)."""
+def test_cudnn_runs_large_rows_of_ragged_heads_on_paged_cudnn(caplog: pytest.LogCaptureFixture) -> None:
+    """HeatKV's 1024-query rows (per-head history) on cuDNN's paged SDPA, nothing gathered; the 256- and 1-query
+    rows on the Triton kernel."""
     if "cudnn" not in available_backends("cuda"):
         pytest.skip("the cuDNN frontend is not installed")
     pool = Pool(20000, 32, heads=16, dim=128, dtype=torch.bfloat16, device="cuda", poison=CUDNN_POISON)
@@ -406,8 +406,8 @@ def test_cudnn_runs_rows_of_any_scale_and_ragged_heads_in_one_cudnn_call(caplog:
         out = paged_attention(**batch(pool, requests), backend="cudnn")
         torch.cuda.synchronize()
     kernels = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    assert sum("cudnn" in k for k in kernels) == 1, kernels
-    assert not any("paged_attention" in k or "gather" in k for k in kernels), kernels
+    assert any("cudnn" in k for k in kernels) and any("paged_attention" in k for k in kernels), kernels
+    assert not any("gather" in k for k in kernels), kernels
     assert not any("no paged SDPA graph" in m for m in caplog.messages), caplog.messages
     assert rel_error(out, dense_attention(requests, 128 ** -0.5)) < TOLERANCE[torch.bfloat16]
 
