@@ -199,6 +199,22 @@ def test_select_backend(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptu
             select_backend("cpu", name)
 
 
+def test_cuda_default_is_cudnn_where_installed_else_hybrid(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    cuda = torch.device("cuda")
+    for installed, expected in ((True, "cudnn"), (False, "hybrid")):
+        _log_once.cache_clear()
+        for name, available in (("cudnn", installed), ("hybrid", True)):
+            monkeypatch.setitem(paged.BACKENDS, name, paged.Backend(paged.BACKENDS[name].fn, lambda d, a=available: a))
+        with caplog.at_level(logging.INFO, logger="varserve"):
+            assert paged.default_backend(cuda) == expected
+        assert any("cudnn is not available" in m for m in caplog.messages) == (not installed)
+        caplog.clear()
+    monkeypatch.setitem(paged.BACKENDS, "hybrid", paged.Backend(paged.BACKENDS["hybrid"].fn, lambda d: False))
+    with pytest.raises(ValueError, match="'hybrid' is not available on cuda"):
+        select_backend(cuda)
+
+
 def test_varlen_fa2_gather_with_cpu_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
     """The varlen_fa2 backend's per-row K/V gather, torch's CUDA kernel replaced by the padded CPU path."""
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale):

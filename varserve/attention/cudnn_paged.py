@@ -37,10 +37,12 @@ FALLBACK = "hybrid"
 
 
 def _frontend():
-    """The cuDNN frontend module, or None where it is not installed (imported once torch has loaded libcudnn)."""
+    """The cuDNN frontend module, or None where it is not installed or cannot load its library (imported once torch
+    has loaded libcudnn)."""
     try:
         return importlib.import_module("cudnn")
-    except ImportError:
+    except Exception as exc:  # ImportError, or the library failing to load (OSError, the frontend's own asserts)
+        logger.debug("cudnn backend: the cuDNN frontend does not import (%s: %s)", type(exc).__name__, exc)
         return None
 
 
