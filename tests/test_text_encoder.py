@@ -123,7 +123,11 @@ def test_tiny_save_and_load_round_trip(tiny, tmp_path):
     tiny.save_pretrained(tmp_path)
     loaded = TextEncoder.load(TINY, tmp_path)
     assert isinstance(loaded.tokenizer, ByteTokenizer)
-    assert torch.equal(loaded.encode(PROMPTS).features, tiny.encode(PROMPTS).features)
+    saved, read = tiny.model.state_dict(), loaded.model.state_dict()
+    assert saved.keys() == read.keys() and all(torch.equal(saved[k], read[k]) for k in saved)
+    # Equal weights, but transformers >= 5 maps them from the file, at addresses whose alignment sends the CPU
+    # matmuls down another path: features then differ in the last bits (7e-7 seen).
+    torch.testing.assert_close(loaded.encode(PROMPTS).features, tiny.encode(PROMPTS).features, rtol=0, atol=1e-5)
 
 
 def official_encode(folder, prompts, max_length):
