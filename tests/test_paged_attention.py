@@ -391,17 +391,23 @@ def test_sdpa_gather_runs_cudnn_whatever_the_process_wide_order() -> None:
     assert rel_error(out, dense_attention(requests, 128 ** -0.5)) < TOLERANCE[torch.bfloat16]
 
 
+def profiled(pool: Pool, requests: list[Request], backend: str,
+             caplog: pytest.LogCaptureFixture) -> tuple[torch.Tensor, list[str]]:
+    """paged_attention of the requests on `backend`, logs captured, and the device kernels it ran."""
+    with caplog.at_level(logging.INFO, logger="varserve"), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = paged_attention(**batch(pool, requests), backend=backend)
+        torch.cuda.synchronize()
+    return out, [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
+
+
 @pytest.mark.gpu
 def test_hybrid_runs_large_rows_of_ragged_heads_on_cudnn_and_triton(caplog: pytest.LogCaptureFixture) -> None:
     """HeatKV's shape at 1024 x 1024: 1024 queries, the current scale plus 21..1497 history tokens per head."""
     pool = Pool(20000, 32, heads=16, dim=128, dtype=torch.bfloat16, device="cuda")
     rng = np.random.default_rng(0)
     requests = [pool.add(1024, 1024 + rng.integers(21, 1498, (ROWS, 16))) for _ in range(2)] + [pool.add(256, 521)]
-    with caplog.at_level(logging.INFO, logger="varserve"), torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = paged_attention(**batch(pool, requests), backend="hybrid")
-        torch.cuda.synchronize()
-    kernels = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    out, kernels = profiled(pool, requests, "hybrid", caplog)
     assert any("cudnn" in k for k in kernels) and any("paged_attention" in k for k in kernels), kernels
     assert not any("failed" in m for m in caplog.messages), caplog.messages
     assert rel_error(out, dense_attention(requests, 128 ** -0.5)) < TOLERANCE[torch.bfloat16]
@@ -417,11 +423,7 @@ def test_cudnn_runs_large_rows_of_ragged_heads_on_paged_cudnn(caplog: pytest.Log
     rng = np.random.default_rng(1)
     requests = [pool.add(1024, 1024 + rng.integers(21, 1498, (ROWS, 16))) for _ in range(2)]
     requests += [pool.add(256, 521), pool.add(1, 1)]
-    with caplog.at_level(logging.INFO, logger="varserve"), torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = paged_attention(**batch(pool, requests), backend="cudnn")
-        torch.cuda.synchronize()
-    kernels = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    out, kernels = profiled(pool, requests, "cudnn", caplog)
     assert any("cudnn" in k for k in kernels) and any("paged_attention" in k for k in kernels), kernels
     assert not any("gather" in k for k in kernels), kernels
     assert not any("no paged SDPA graph" in m for m in caplog.messages), caplog.messages
