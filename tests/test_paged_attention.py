@@ -6,7 +6,7 @@ import logging
 import math
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -205,12 +205,13 @@ def test_cuda_default_is_cudnn_where_installed_else_hybrid(monkeypatch: pytest.M
     for installed, expected in ((True, "cudnn"), (False, "hybrid")):
         _log_once.cache_clear()
         for name, available in (("cudnn", installed), ("hybrid", True)):
-            monkeypatch.setitem(paged.BACKENDS, name, paged.Backend(paged.BACKENDS[name].fn, lambda d, a=available: a))
+            monkeypatch.setitem(paged.BACKENDS, name, replace(paged.BACKENDS[name], available=lambda d, a=available: a))
         with caplog.at_level(logging.INFO, logger="varserve"):
             assert paged.default_backend(cuda) == expected
-        assert any("cudnn is not available" in m for m in caplog.messages) == (not installed)
+        assert any("cudnn is not available on cuda (pip install 'varserve[cudnn]'" in m
+                   for m in caplog.messages) == (not installed)
         caplog.clear()
-    monkeypatch.setitem(paged.BACKENDS, "hybrid", paged.Backend(paged.BACKENDS["hybrid"].fn, lambda d: False))
+    monkeypatch.setitem(paged.BACKENDS, "hybrid", replace(paged.BACKENDS["hybrid"], available=lambda d: False))
     with pytest.raises(ValueError, match="'hybrid' is not available on cuda"):
         select_backend(cuda)
 
@@ -266,7 +267,8 @@ class CudnnStandIn:
             index = (offset + torch.arange(lq)[:, None] * stride + torch.arange(d)).reshape(-1)
             assert not written[index].any()
             written[index] = True
-            slots = pages[torch.arange(lk) // self.page_size].long() * self.page_size + torch.arange(lk) % self.page_size
+            position = torch.arange(lk)
+            slots = pages[position // self.page_size].long() * self.page_size + position % self.page_size
             k, v = (x.view(-1, d)[slots] for x in (k_pages, v_pages))
             scores = flat_q[index].view(lq, d) @ k.T * self.scale
             flat_out[index] = (torch.softmax(scores, dim=-1) @ v).reshape(-1)

@@ -126,7 +126,8 @@ class PagedGraph:
             paged_attention_max_seq_len_kv=shape.pages * page_size)
         self.o.set_output(True).set_dim(packed[0]).set_stride(packed[1]).set_ragged_offset(self.o_offsets)
         graph.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        self.graph, self.workspace_bytes, self.shape = graph, graph.get_workspace_size(), shape
+        self.graph, self.workspace_bytes, self.shape, self.set_stream = (graph, graph.get_workspace_size(), shape,
+                                                                         cudnn.set_stream)
 
     def run(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, table: Tensor, meta: Tensor, out: Tensor,
             handle) -> None:
@@ -135,7 +136,7 @@ class PagedGraph:
         n = self.shape.sequences
         offsets, seq_q, seq_kv = meta[0, : n + 1], meta[1, :n], meta[2, :n]
         workspace = torch.empty(max(1, self.workspace_bytes), dtype=torch.uint8, device=q.device)
-        _frontend().set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+        self.set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
         self.graph.execute({self.q: q, self.q_offsets: offsets, self.o_offsets: offsets, self.k: k_pages,
                             self.v: v_pages, self.k_table: table, self.v_table: table, self.seq_q: seq_q,
                             self.seq_kv: seq_kv, self.o: out}, workspace, handle=handle)
@@ -161,7 +162,7 @@ def _graph(shape: GraphShape, dtype: torch.dtype, pool_pages: int, page_size: in
     return graph
 
 
-@_backend("cudnn", cudnn_available)
+@_backend("cudnn", cudnn_available, requires="pip install 'varserve[cudnn]': the cuDNN frontend, cuDNN >= 9.10")
 def paged_attention_cudnn(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
                           cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float) -> Tensor:
     """paged_attention: one cuDNN call over the rows of >= HYBRID_MIN_Q queries, one Triton launch over the

@@ -45,14 +45,15 @@ GATHER_BLOCK = 64  # rows per program of gather_rows
 class Backend:
     fn: Callable[..., Tensor]  # same arguments as paged_attention, without `backend`
     available: Callable[[torch.device], bool]
+    requires: str = ""  # what makes an unavailable backend available, for the log
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
-def _backend(name: str, available: Callable[[torch.device], bool] = lambda device: True):
+def _backend(name: str, available: Callable[[torch.device], bool] = lambda device: True, requires: str = ""):
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        BACKENDS[name] = Backend(fn, available)
+        BACKENDS[name] = Backend(fn, available, requires)
         return fn
 
     return register
@@ -81,8 +82,9 @@ def default_backend(device: torch.device) -> str:
     for name in preferred[:-1]:
         if BACKENDS[name].available(device):
             return name
+        needs = BACKENDS[name].requires
         _log_once(f"paged attention backend {name} is not available on {device.type}"
-                  + (" (pip install 'varserve[cudnn]': the cuDNN frontend)" if name == "cudnn" else ""))
+                  + (f" ({needs})" if needs else ""))
     return preferred[-1]
 
 
@@ -323,7 +325,8 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-@_backend("flash_attn", lambda device: device.type == "cuda" and _installed("flash_attn"))
+@_backend("flash_attn", lambda device: device.type == "cuda" and _installed("flash_attn"),
+          requires="pip install 'varserve[flash]'")
 def _flash_attn(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens_k: Tensor,
                 cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float) -> Tensor:
     """UNVERIFIED: flash_attn is not installed on any machine this was written or tested on.
