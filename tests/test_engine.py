@@ -401,6 +401,22 @@ def test_steps_never_wait_for_the_device_on_cuda(policy: str, cuda_graphs: bool)
     assert not cuda_graphs or engine.runner.graphs.steps > len(engine.runner.graphs.graphs)
 
 
+@pytest.mark.gpu
+def test_a_cudnn_engine_builds_its_graphs_at_start_and_none_in_steps() -> None:
+    """The graphs built when the engine starts are the ones 1024x1024 steps of any number of rows look up."""
+    from varserve.attention import available_backends, cudnn_paged
+
+    if "cudnn" not in available_backends("cuda"):
+        pytest.skip("the cuDNN frontend is not installed (pip install 'varserve[cudnn]')")
+    cudnn_paged._graph.cache_clear()
+    engine = Engine("test-small", device="cuda", attention_backend="cudnn", cuda_graphs=False, num_pages=100000)
+    built = cudnn_paged._graph.cache_info().misses
+    assert built >= 4
+    outputs = engine.generate([f"image {i}" for i in range(5)], SamplingParams(seed=3), use_tqdm=False)
+    assert all(o.image is not None for o in outputs)
+    assert cudnn_paged._graph.cache_info().misses == built
+
+
 @pytest.mark.parametrize("user_setting", [None, "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
 def test_cuda_allocator_grows_segments_unless_the_user_configured_it(user_setting: str | None,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
@@ -414,3 +430,26 @@ def test_cuda_allocator_grows_segments_unless_the_user_configured_it(user_settin
         monkeypatch.setenv(user_setting, "max_split_size_mb:512")
     model_runner._growable_segments()
     assert calls == ([] if user_setting else ["expandable_segments:True"])
+
+
+def test_the_attention_backend_prepares_each_image_size_once_before_its_steps(monkeypatch) -> None:
+    """The engine hands the backend every scale's largest call (rows, tokens, queries, table width: the widest of
+    the scales up to it) when it first meets a size: the default size at start, another with its first request."""
+    from varserve.attention import paged
+
+    prepared: list[list] = []
+    monkeypatch.setitem(paged.BACKENDS, "preparing", paged.Backend(
+        paged.BACKENDS["reference"].fn, lambda device: True,
+        prepare=lambda k_pages, heads, scale, shapes: prepared.append(shapes) or len(shapes)))
+    engine = Engine("test-small", dtype="float64", num_pages=40000, page_size=16, max_num_seqs=8,
+                    kv_policy="scalekv", kv_budget=0.3, attention_backend="preparing")
+    assert len(prepared) == 1
+    for size in (SMALL, SMALL):
+        engine.generate("a red circle", SamplingParams(size=size, seed=1), use_tqdm=False)
+    assert len(prepared) == 2
+    schedule = SamplingParams(size=SMALL).schedule
+    attend = engine.policy.plan(engine.model_config, schedule).attend_len.max(axis=(1, 2))
+    widths = [-(-int(attend[: s + 1].max()) // 16) for s in range(len(attend))]
+    assert [(s.rows, s.tokens, s.max_q, s.pages) for s in prepared[1]] == [
+        (16, engine.runner.max_num_batched_tokens, n, w) for n, w in zip(schedule.tokens, widths)]
+    assert_clean(engine)

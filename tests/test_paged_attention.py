@@ -294,6 +294,31 @@ def test_cudnn_sequence_layout_with_cpu_stand_in(min_q: int, monkeypatch: pytest
     cudnn_paged._graph.cache_clear()
 
 
+def test_cudnn_prepares_the_graphs_its_calls_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare_graphs builds a graph for every power of two of large rows up to a shape's (none for shapes of
+    small rows), keyed as the calls key them: the ragged batch's call then builds nothing."""
+    from varserve.attention import CallShape, cudnn_paged
+
+    monkeypatch.setattr(cudnn_paged, "PagedGraph", CudnnStandIn)
+    monkeypatch.setattr(cudnn_paged, "_handle", lambda device: None)
+    monkeypatch.setattr(cudnn_paged, "HYBRID_MIN_Q", 16)
+    monkeypatch.setattr(paged, "paged_attention_triton", paged.BACKENDS["reference"].fn)
+    cudnn_paged._graph.cache_clear()
+    pool = Pool(4000, 4, heads=3, dim=16, dtype=torch.float64)
+    requests = ragged_requests(pool, np.random.default_rng(3))
+    args = batch(pool, requests)  # 14 rows, 10 of them of >= 16 queries
+    tokens, width = int(args["cu_seqlens_q"][-1]), args["block_table"].shape[-1]
+    shapes = [CallShape(rows=14, tokens=tokens, max_q=36, pages=width), CallShape(14, tokens, 4, width)]
+    prepare = paged.BACKENDS["cudnn"].prepare
+    assert prepare(pool.k_pages, 3, args["softmax_scale"], shapes) == 5  # 1, 2, 4, 8, 16 rows of 3 heads
+    built = cudnn_paged._graph.cache_info().misses
+    out = cudnn_paged.paged_attention_cudnn(**args)
+    assert cudnn_paged._graph.cache_info().misses == built
+    assert prepare(pool.k_pages, 3, args["softmax_scale"], shapes) == 0
+    assert rel_error(out, dense_attention(requests, 16 ** -0.5)) < 1e-12
+    cudnn_paged._graph.cache_clear()
+
+
 def test_cudnn_graph_shapes_round_up_to_powers_of_two() -> None:
     from varserve.attention.cudnn_paged import GraphShape, sequence_metadata
 

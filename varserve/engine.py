@@ -121,6 +121,7 @@ class Engine:
         key = (f"{schedule.h_div_w}/{schedule.pixel_budget}", rows)
         if key not in self._plans:
             plan = self.policy.plan(self.model_config, schedule)
+            self.runner.prepare_attention(plan, schedule, rows)
             self._plans[key] = (plan, plan.held_pages(self.runner.page_size, rows))
         return self._plans[key]
 

@@ -15,16 +15,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from varserve.attention import select_backend
+from varserve.attention import CallShape, prepare_backend, select_backend
 from varserve.cache.block_manager import BlockManager, StepPages
-from varserve.cache.kv_pool import KVPool, PagedKV
-from varserve.cache.policy import KVPolicy
+from varserve.cache.kv_pool import SOFTMAX_SCALE, KVPool, PagedKV
+from varserve.cache.policy import KVPlan, KVPolicy
 from varserve.config import EngineConfig
 from varserve.graphs import GRAPH_MAX_ROWS, GRAPH_MAX_TOKENS, STATIC_ROUTES, StepGraphs
 from varserve.models.generation import advance, row_features, sample_scale
 from varserve.models.infinity import TextMemory, make_batch
 from varserve.models.loader import load_model
 from varserve.models.sampler import make_generator
+from varserve.models.schedule import ScaleSchedule
 from varserve.models.text_encoder import TextBatch
 from varserve.scheduler.request import Request
 
@@ -157,6 +158,19 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+
+    def prepare_attention(self, plan: KVPlan, schedule: ScaleSchedule, rows: int) -> None:
+        """Let the attention backend build what the steps of requests of this size and plan need (cudnn: its
+        graphs) now rather than in the steps. A step whose largest scale is s has tables as wide as the widest of
+        scales <= s (all its rows are at those scales)."""
+        widths = np.maximum.accumulate(plan.table_widths(self.page_size))
+        most_rows = self.config.max_num_seqs * rows
+        shapes = [CallShape(most_rows, self.max_num_batched_tokens, n, int(w)) for n, w in zip(schedule.tokens, widths)]
+        start = time.perf_counter()
+        built = prepare_backend(self.backend, self.pool.k_pages, self.model_config.num_heads, SOFTMAX_SCALE, shapes)
+        if built:
+            logger.info("attention backend %s: prepared %d kernel graphs for %s steps in %.2f s", self.backend, built,
+                        schedule.name, time.perf_counter() - start)
 
     def _encode(self, reqs: list[Request]) -> tuple[TextBatch, TextBatch | None]:
         """Text encoder outputs of the prompts and of the negative prompts that are given."""

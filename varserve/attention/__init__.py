@@ -2,11 +2,13 @@
 
 from varserve.attention.paged import (
     BACKENDS,
+    CallShape,
     TritonTiles,
     available_backends,
     gather_rows,
     paged_attention,
     paged_attention_triton,
+    prepare_backend,
     select_backend,
     slot_mapping,
     token_rows,
@@ -19,12 +21,14 @@ from varserve.attention.cudnn_paged import paged_attention_cudnn  # importing it
 
 __all__ = [
     "BACKENDS",
+    "CallShape",
     "TritonTiles",
     "available_backends",
     "gather_rows",
     "paged_attention",
     "paged_attention_cudnn",
     "paged_attention_triton",
+    "prepare_backend",
     "select_backend",
     "slot_mapping",
     "token_rows",

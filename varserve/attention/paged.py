@@ -42,21 +42,42 @@ GATHER_BLOCK = 64  # rows per program of gather_rows
 
 
 @dataclass(frozen=True)
+class CallShape:
+    """The largest paged attention calls of one kind, for a backend to prepare for (`prepare_backend`): up to `rows`
+    rows and `tokens` queries in all, none of more than `max_q` queries, block tables `pages` wide."""
+
+    rows: int
+    tokens: int
+    max_q: int
+    pages: int
+
+
+@dataclass(frozen=True)
 class Backend:
     fn: Callable[..., Tensor]  # same arguments as paged_attention, without `backend`
     available: Callable[[torch.device], bool]
     requires: str = ""  # what makes an unavailable backend available, for the log
+    # (k_pages, heads, softmax_scale, shapes) -> things built ahead of the calls of those shapes
+    prepare: Callable[[Tensor, int, float, list[CallShape]], int] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
-def _backend(name: str, available: Callable[[torch.device], bool] = lambda device: True, requires: str = ""):
+def _backend(name: str, available: Callable[[torch.device], bool] = lambda device: True, requires: str = "",
+             prepare: Callable[[Tensor, int, float, list[CallShape]], int] | None = None):
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        BACKENDS[name] = Backend(fn, available, requires)
+        BACKENDS[name] = Backend(fn, available, requires, prepare)
         return fn
 
     return register
+
+
+def prepare_backend(name: str, k_pages: Tensor, heads: int, softmax_scale: float, shapes: list[CallShape]) -> int:
+    """Let backend `name` build now what its calls of these shapes over the pool `k_pages` need (cudnn: its graphs),
+    instead of in the first calls that meet them; returns how many things it built (0: nothing to build)."""
+    prepare = BACKENDS[name].prepare
+    return prepare(k_pages, heads, softmax_scale, shapes) if prepare else 0
 
 
 def available_backends(device: torch.device | str) -> list[str]:

@@ -18,6 +18,7 @@ from varserve.scheduler.request import Request
 
 Moves = tuple[Tensor, Tensor, Tensor, Tensor]  # (row, head, from position, to position), int64 [N] each
 SCORE_CHUNK_BYTES = 256 * 2**20  # ScaleKV scores rows in chunks: bounds the fp32 copy of their gathered keys
+SOFTMAX_SCALE = 1.0  # cosine attention: the model scales q itself
 
 
 class KVPool:
@@ -110,9 +111,10 @@ class PagedKV:
         route = self.static_route[layer] if self.static_route else self.backend
         if route == "triton" and self.device_meta is not None:
             seqlens, cu_seqlens = self.device_meta
-            return paged_attention_triton(q, *pools, table, seqlens[layer], cu_seqlens, self.max_seqlen, longest, 1.0)
+            return paged_attention_triton(q, *pools, table, seqlens[layer], cu_seqlens, self.max_seqlen, longest,
+                                          SOFTMAX_SCALE)
         return paged_attention(q, *pools, table, torch.from_numpy(self.pages.seqlens[layer]), self.cu_seqlens,
-                               self.max_seqlen, longest, 1.0, backend=route)
+                               self.max_seqlen, longest, SOFTMAX_SCALE, backend=route)
 
     def _compact(self, layer: int, table: Tensor, raw_q: Tensor | None) -> None:
         """Move the kept tokens of every non-prefix cut to positions [0, kept): rows that share a cut form one

@@ -119,6 +119,11 @@ class KVPlan:
     def max_pages_per_table(self, page_size: int) -> int:
         return int(_pages(self.attend_len, page_size).max())
 
+    def table_widths(self, page_size: int) -> np.ndarray:
+        """[S] pages of the longest table while attending at each scale (a step's block tables are as wide as the
+        widest of its rows)."""
+        return _pages(self.attend_len.max(axis=(1, 2)), page_size)
+
     def held_pages(self, page_size: int, rows: int) -> np.ndarray:
         """[S, L] pages a request (all rows) holds while layer l attends at scale s: layers before l are
         already cut, layer l holds history + current scale, layers after l still hold the last scale's."""
