@@ -457,6 +457,30 @@ def test_cudnn_runs_large_rows_of_ragged_heads_on_paged_cudnn(caplog: pytest.Log
     assert rel_error(out, dense_attention(requests, 128 ** -0.5)) < TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_paged_scores_equal_dense_scores(device: str) -> None:
+    """The window query's score of every key of some rows (one twice, in any order), read through their tables
+    (the Triton kernel on CUDA, gathered keys elsewhere) against float64 dot products of the dense copies."""
+    dtype = torch.float64 if device == "cpu" else torch.bfloat16
+    pool = Pool(4000, 16, heads=3, dim=64, dtype=dtype, device=device)
+    requests = ragged_requests(pool, np.random.default_rng(4))
+    table = batch(pool, requests)["block_table"]
+    rows = [7, 0, 10, 7, 6]  # request r's rows are 2r and 2r + 1
+    length = max(int(requests[b // ROWS].lens[b % ROWS].max()) for b in rows)
+    query = torch.randn(len(rows), 3, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    acc, tolerance = (torch.float64, 1e-12) if device == "cpu" else (torch.float32, 1e-5)
+    scores = paged.paged_scores(pool.k_pages, table, torch.tensor(rows, device=device), query.to(device, acc),
+                                length, 0.125)
+    assert scores.shape == (len(rows), 3, length) and scores.dtype == acc
+    for g, b in enumerate(rows):
+        request = requests[b // ROWS]
+        for head in range(3):
+            n = int(request.lens[b % ROWS, head])
+            keys = request.k[b % ROWS, :n, head].double()
+            expected = keys @ query[g, head].to(acc).double() * 0.125
+            torch.testing.assert_close(scores[g, head, :n].cpu().double(), expected, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.int64, 32), (torch.float32, 64)])
 def test_gather_rows_on_cuda_equals_indexing(dtype: torch.dtype, d: int) -> None:

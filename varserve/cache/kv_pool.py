@@ -3,21 +3,23 @@ model calls for self-attention (implements varserve.models.infinity.SelfAttentio
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from varserve.attention import (gather_rows, paged_attention, paged_attention_triton, slot_mapping, token_rows, upload,
-                                wide_rows, write_kv)
+from varserve.attention import (gather_rows, paged_attention, paged_attention_triton, paged_scores,
+                                paged_scores_gather, slot_mapping, token_rows, upload, wide_rows, write_kv)
 from varserve.cache.block_manager import StepPages
 from varserve.cache.plan import ScoredCut, StaticCut
-from varserve.cache.scalekv import select_kept
+from varserve.cache.scalekv import kept_positions, window_query
 from varserve.scheduler.request import Request
 
 Moves = tuple[Tensor, Tensor, Tensor, Tensor]  # (row, head, from position, to position), int64 [N] each
-SCORE_CHUNK_BYTES = 256 * 2**20  # ScaleKV scores rows in chunks: bounds the fp32 copy of their gathered keys
+SCORE_CHUNK_BYTES = 256 * 2**20  # ScaleKV selects for rows in chunks: bounds the temporaries of their keys' scores
+SELECT_BYTES_PER_KEY = 32  # a key's score, pooled score, sort key and index (plus the key where keys are gathered)
 SOFTMAX_SCALE = 1.0  # cosine attention: the model scales q itself
 
 
@@ -158,11 +160,12 @@ class PagedKV:
     def _scored_moves(self, groups: list[tuple[ScoredCut, list[int]]], table: Tensor, raw_q: Tensor) -> list[Moves]:
         """ScaleKV's selection for the rows of every cut (of one window size) in one batch, the shorter rows padded
         to the longest (one set of launches per layer, not one per cut: per cut they kept the host behind the
-        device), in chunks of rows that bound the gathered keys' size; then each cut's moves."""
+        device), in chunks of rows that bound the temporaries of their scores; then each cut's moves."""
         longest, width = max(cut.attend_len for cut, _ in groups), max(cut.capacity for cut, _ in groups)
         meta = self._upload_once(("scored", *((cut, *rows) for cut, rows in groups)), lambda: self._scored_meta(groups))
-        heads, d = table.shape[1], self.pool.k_pages.shape[-1]
-        chunk = max(1, SCORE_CHUNK_BYTES // (heads * longest * d * 4))
+        heads, k_pages = table.shape[1], self.pool.k_pages
+        per_key = SELECT_BYTES_PER_KEY + (k_pages[0, 0].nbytes * 2 if paged_scores_gather(k_pages) else 0)
+        chunk = max(1, SCORE_CHUNK_BYTES // (heads * longest * per_key))
         kept = torch.cat([self._select(meta[i : i + chunk], table, raw_q, longest, width)
                           for i in range(0, len(meta), chunk)])
         moves, first, device = [], 0, table.device
@@ -182,11 +185,11 @@ class PagedKV:
                            for cut, rows in groups for row in rows], dtype=np.int64)
 
     def _select(self, meta: Tensor, table: Tensor, raw_q: Tensor, longest: int, width: int) -> Tensor:
-        window = (meta.shape[1] - 3) // 2
-        row, head = meta[:, 0, None, None], torch.arange(table.shape[1], device=table.device)[None, :, None]
-        slots = self.pool.slots(table, row, head, torch.arange(longest, device=table.device))
-        keys = gather_rows(self.pool.k_pages.view(-1, self.pool.k_pages.shape[-1]), slots)
-        return select_kept(keys, raw_q[meta[:, 3 + window :]], meta[:, 3 : 3 + window], meta[:, 1], meta[:, 2], width)
+        """`select_kept` of the rows of `meta`, scoring their keys where they lie in the pages."""
+        window, k_pages = (meta.shape[1] - 3) // 2, self.pool.k_pages
+        query = window_query(raw_q[meta[:, 3 + window :]], k_pages.dtype)
+        scores = paged_scores(k_pages, table, meta[:, 0], query, longest, 1 / math.sqrt(k_pages.shape[-1]))
+        return kept_positions(scores, meta[:, 3 : 3 + window], meta[:, 1], meta[:, 2], width)
 
 
 def _flat_moves(rows: Tensor, heads: Tensor, src: Tensor, dst: Tensor) -> Moves:

@@ -175,14 +175,24 @@ def select_kept(keys: Tensor, window_q: Tensor, window: Tensor, lengths: Tensor,
     order (a row's keys from its `lengths` [G] on are padding), `window_q` [G, W, H, d] the raw queries of its
     observation-window tokens, `window` [G, W] their positions, `capacity` [G] how many tokens it keeps (at most
     `width`). Returns [G, H, width]: a row's first capacity entries ascending, then padding. No host sync."""
-    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
-    query = window_q.to(acc).sum(1)  # the window's summed scores = the summed queries' scores
-    scores = torch.einsum("ghld,ghd->ghl", keys.to(acc), query) / math.sqrt(keys.shape[-1])
-    positions = torch.arange(keys.shape[2], device=keys.device)
+    query = window_query(window_q, keys.dtype)
+    scores = torch.einsum("ghld,ghd->ghl", keys.to(query.dtype), query) / math.sqrt(keys.shape[-1])
+    return kept_positions(scores, window, lengths, capacity, width)
+
+
+def window_query(window_q: Tensor, dtype: torch.dtype) -> Tensor:
+    """[G, H, d] the observation window's queries summed (its summed scores are the summed query's scores), in
+    the scores' precision: float64 for float64 inputs, else float32."""
+    return window_q.to(torch.float64 if dtype == torch.float64 else torch.float32).sum(1)
+
+
+def kept_positions(scores: Tensor, window: Tensor, lengths: Tensor, capacity: Tensor, width: int) -> Tensor:
+    """`select_kept` from the window's scores [G, H, L] of every key."""
+    positions = torch.arange(scores.shape[2], device=scores.device)
     ignored = (positions >= lengths[:, None]).scatter(1, window, True)[:, None]  # padding and window: never chosen
     pooled = F.max_pool1d(scores.masked_fill(ignored, -math.inf), POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
     pooled = pooled.masked_fill(ignored, -math.inf)
     best = torch.sort(pooled, dim=-1, descending=True, stable=True).indices[..., : width - window.shape[1]]
-    chosen = torch.arange(best.shape[-1], device=keys.device) < (capacity - window.shape[1])[:, None, None]
-    best = torch.where(chosen, best, keys.shape[2])  # past the row's share: sorts after every real position
+    chosen = torch.arange(best.shape[-1], device=scores.device) < (capacity - window.shape[1])[:, None, None]
+    best = torch.where(chosen, best, scores.shape[2])  # past the row's share: sorts after every real position
     return torch.cat([best, window[:, None, :].expand(-1, best.shape[1], -1)], dim=-1).sort(dim=-1).values
