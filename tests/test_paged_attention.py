@@ -476,7 +476,7 @@ def test_paged_scores_equal_dense_scores(device: str) -> None:
         request = requests[b // ROWS]
         for head in range(3):
             n = int(request.lens[b % ROWS, head])
-            keys = request.k[b % ROWS, :n, head].double()
+            keys = request.k[b % ROWS, :n, head].double().cpu()
             expected = keys @ query[g, head].to(acc).double() * 0.125
             torch.testing.assert_close(scores[g, head, :n].cpu().double(), expected, rtol=tolerance, atol=tolerance)
 
