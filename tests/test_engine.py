@@ -41,7 +41,7 @@ def assert_clean(engine: Engine) -> None:
     stats = engine.cache_stats()
     assert stats["used_pages"] == 0 and stats["free_pages"] == stats["total_pages"]
     assert not engine.has_unfinished_requests()
-    assert not engine.runner.states and not engine.runner.readbacks
+    assert not engine.runner.states and not engine.runner.readbacks and not engine.runner.texts
 
 
 @pytest.mark.parametrize("size", [SMALL, TALL])
@@ -452,4 +452,26 @@ def test_the_attention_backend_prepares_each_image_size_once_before_its_steps(mo
     widths = [-(-int(attend[: s + 1].max()) // 16) for s in range(len(attend))]
     assert [(s.rows, s.tokens, s.max_q, s.pages) for s in prepared[1]] == [
         (16, engine.runner.max_num_batched_tokens, n, w) for n, w in zip(schedule.tokens, widths)]
+    assert_clean(engine)
+
+
+def test_prompts_waiting_to_start_are_encoded_ahead_in_one_call_and_dropped_on_abort(monkeypatch) -> None:
+    """A step encodes the prompts of the requests it starts and of waiting ones, up to TEXT_AHEAD held, at once;
+    a request that starts later finds its features; an aborted waiting request's go; images equal the dense
+    reference."""
+    from varserve import model_runner
+
+    monkeypatch.setattr(model_runner, "TEXT_AHEAD", 2)
+    engine = Engine("test-small", dtype="float64", num_pages=40000, page_size=16, max_num_seqs=1)
+    calls: list[int] = []
+    encode = engine.runner.text_encoder.encode
+    engine.runner.text_encoder.encode = lambda prompts: calls.append(len(prompts)) or encode(prompts)
+    params = [SamplingParams(size=SMALL, seed=i, negative_prompt="blurry" if i == 1 else None) for i in range(4)]
+    ids = [engine.add_request(f"shape {i}" + "!" * i, p) for i, p in enumerate(params)]
+    engine.step()
+    assert calls == [2, 1] and list(engine.runner.texts) == [ids[1]]  # the 1st started, the 2nd held
+    assert engine.abort(ids[1])
+    outputs = run_to_end(engine)
+    assert calls == [2, 1, 2] and sorted(outputs) == sorted([ids[0], ids[2], ids[3]])  # the 3rd and 4th at once
+    np.testing.assert_array_equal(np.asarray(outputs[ids[3]].image), dense_image(engine, "shape 3!!!", params[3]))
     assert_clean(engine)

@@ -172,7 +172,7 @@ class Engine:
         self._outbox.clear()
         if reqs:
             try:
-                self.runner.execute(reqs, pages, launched=lambda: self._advance(reqs))
+                self.runner.execute(reqs, pages, launched=lambda: self._advance(reqs), upcoming=self.scheduler.waiting)
             except Exception as exc:  # the step's device state is unusable: fail its requests, keep serving
                 logger.exception("step failed; failing its %d requests", len(reqs))
                 outputs += self._fail_step(reqs, f"{type(exc).__name__}: {exc}")

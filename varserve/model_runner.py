@@ -9,7 +9,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,6 @@ from varserve.models.infinity import TextMemory, make_batch
 from varserve.models.loader import load_model
 from varserve.models.sampler import make_generator
 from varserve.models.schedule import ScaleSchedule
-from varserve.models.text_encoder import TextBatch
 from varserve.scheduler.request import Request
 
 logger = logging.getLogger("varserve")
@@ -39,6 +38,7 @@ CUT_PAGE_SIZE = 32
 CPU_KV_BYTES = 512 * 2**20  # pool size on CPU when num_pages is not given
 ACTIVATION_MARGIN = 1.2  # head room over the profiled peak step
 DECODE_PIXELS = 2 * 1024 * 1024  # pixels per VAE decode call: bounds the decoder's activations
+TEXT_AHEAD = 64  # requests whose text features may be held before they start (fp32, ~8 KB per token)
 STAGES = ("text_encoder", "transformer", "sampling", "vae_decode")  # the parts of a step, in order
 
 
@@ -83,6 +83,7 @@ class ModelRunner:
         self.num_pages = config.num_pages or self._size_pool()
         self.pool = KVPool(self.num_pages, self.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.states: dict[str, RequestState] = {}
+        self.texts: dict[str, tuple[Tensor, list[int]]] = {}  # text features of requests not started yet
         self.readbacks: list[Readback] = []
         self.steps = 0  # steps executed
         self.timer: StageTimer | None = None  # set by the benchmark to split device time by stage
@@ -158,6 +159,7 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+        self.texts.pop(request_id, None)
 
     def prepare_attention(self, plan: KVPlan, schedule: ScaleSchedule, rows: int) -> None:
         """Let the attention backend build what the steps of requests of this size and plan need (cudnn: its
@@ -172,18 +174,28 @@ class ModelRunner:
             logger.info("attention backend %s: prepared %d kernel graphs for %s steps in %.2f s", self.backend, built,
                         schedule.name, time.perf_counter() - start)
 
-    def _encode(self, reqs: list[Request]) -> tuple[TextBatch, TextBatch | None]:
-        """Text encoder outputs of the prompts and of the negative prompts that are given."""
-        negatives = [r.negative_prompt for r in reqs if r.negative_prompt is not None]
-        prompts = self.text_encoder.encode([r.prompt for r in reqs])
-        return prompts, self.text_encoder.encode(negatives) if negatives else None
+    def _encode(self, reqs: list[Request], upcoming: list[Request]) -> None:
+        """Text encoder features of the requests that start now and, up to TEXT_AHEAD held, of those expected to
+        start next: one encoder call for a burst of arrivals instead of one per step of its staggered admission
+        (each call runs one encoder pass per prompt length, ~3 ms of host time each, while those steps are
+        bound by the host)."""
+        todo = [r for r in reqs if r.request_id not in self.texts]
+        room, known = max(0, TEXT_AHEAD - len(self.texts) - len(todo)), {r.request_id for r in reqs}
+        todo += itertools.islice((r for r in upcoming if r.request_id not in self.texts and r.request_id not in known),
+                                 room)
+        if not todo:
+            return
+        negatives = [r for r in todo if r.negative_prompt is not None]
+        prompts = self.text_encoder.encode([r.prompt for r in todo])
+        neg = self.text_encoder.encode([r.negative_prompt for r in negatives]) if negatives else None
+        for i, req in enumerate(todo):
+            self.texts[req.request_id] = row_features(self.model, prompts, i, req.rows, neg,
+                                                      negatives.index(req) if req in negatives else None)
 
-    def _start(self, reqs: list[Request], prompts: TextBatch, neg: TextBatch | None) -> None:
+    def _start(self, reqs: list[Request]) -> None:
         """The new requests' text memory and start tokens, all rows through the text layers at once (per request,
         ~100 small launches each kept the host busy in steps that admit requests)."""
-        negatives = [r for r in reqs if r.negative_prompt is not None]
-        rows = [row_features(self.model, prompts, i, req.rows, neg, negatives.index(req) if req in negatives else None)
-                for i, req in enumerate(reqs)]
+        rows = [self.texts.pop(req.request_id) for req in reqs]
         memory = self.model.encode_text(torch.cat([f for f, _ in rows]), [n for _, lens in rows for n in lens])
         start_tokens, first = self.model.start_tokens(memory.cond), 0
         for req, (_, lens) in zip(reqs, rows):
@@ -194,8 +206,10 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def execute(self, reqs: list[Request], pages: StepPages, launched: Callable[[], None] = lambda: None) -> None:
-        """Run the next scale of every request on its planned pages (`plan`). `launched` is called once the
+    def execute(self, reqs: list[Request], pages: StepPages, launched: Callable[[], None] = lambda: None,
+                upcoming: Sequence[Request] = ()) -> None:
+        """Run the next scale of every request on its planned pages (`plan`); `upcoming`: requests expected to
+        start in the next steps, whose prompts may be encoded now (`_encode`). `launched` is called once the
         transformer's kernels are queued, before sampling: the engine plans the next step then, while the device
         is busy. Finished images are decoded and copied to the host without waiting for the device: `collect`
         hands them over."""
@@ -203,10 +217,10 @@ class ModelRunner:
         order = self._order(reqs)
         self._lap(begin={r.scale for r in reqs})
         new = [r for r in order if r.request_id not in self.states]
-        texts = self._encode(new) if new else None
+        self._encode(new, upcoming)
         self._lap()
         if new:
-            self._start(new, *texts)
+            self._start(new)
         states, scales = [self.states[r.request_id] for r in order], [r.scale for r in order]
         logits = self._forward(order, states, pages)
         launched()
