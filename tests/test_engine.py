@@ -434,7 +434,7 @@ def test_cuda_allocator_grows_segments_unless_the_user_configured_it(user_settin
 
 def test_the_attention_backend_prepares_each_image_size_once_before_its_steps(monkeypatch) -> None:
     """The engine hands the backend every scale's largest call (rows, tokens, queries, table width: the widest of
-    the scales up to it) when it first meets a size: the default size at start, another with its first request."""
+    the scales up to it) once per size: the default size at start, another before the first step that runs it."""
     from varserve.attention import paged
 
     prepared: list[list] = []
@@ -444,8 +444,10 @@ def test_the_attention_backend_prepares_each_image_size_once_before_its_steps(mo
     engine = Engine("test-small", dtype="float64", num_pages=40000, page_size=16, max_num_seqs=8,
                     kv_policy="scalekv", kv_budget=0.3, attention_backend="preparing")
     assert len(prepared) == 1
-    for size in (SMALL, SMALL):
-        engine.generate("a red circle", SamplingParams(size=size, seed=1), use_tqdm=False)
+    engine.add_request("a red circle", SamplingParams(size=SMALL, seed=1))
+    assert len(prepared) == 1  # adding a request never waits for it: the next step prepares first
+    run_to_end(engine)
+    engine.generate("a red circle", SamplingParams(size=SMALL, seed=2), use_tqdm=False)
     assert len(prepared) == 2
     schedule = SamplingParams(size=SMALL).schedule
     attend = engine.policy.plan(engine.model_config, schedule).attend_len.max(axis=(1, 2))

@@ -92,6 +92,7 @@ class Engine:
         self._next: tuple[list[Request], StepPages] | None = None
         self._ending: list[Request] = []
         self._log_capacity()
+        self.runner.prepare_pending()  # the default size's (planned by _log_capacity): before the first request
 
     # ---- requests -------------------------------------------------------------------------------------
     def add_request(

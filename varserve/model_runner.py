@@ -84,6 +84,7 @@ class ModelRunner:
         self.pool = KVPool(self.num_pages, self.page_size, self.model_config.head_dim, self.dtype, self.device)
         self.states: dict[str, RequestState] = {}
         self.texts: dict[str, tuple[Tensor, list[int]]] = {}  # text features of requests not started yet
+        self._unprepared: list[tuple[str, list[CallShape]]] = []  # (image size, calls) for prepare_pending
         self.readbacks: list[Readback] = []
         self.steps = 0  # steps executed
         self.timer: StageTimer | None = None  # set by the benchmark to split device time by stage
@@ -162,17 +163,25 @@ class ModelRunner:
         self.texts.pop(request_id, None)
 
     def prepare_attention(self, plan: KVPlan, schedule: ScaleSchedule, rows: int) -> None:
-        """Let the attention backend build what the steps of requests of this size and plan need (cudnn: its
-        graphs) now rather than in the steps. A step whose largest scale is s has tables as wide as the widest of
+        """Have the attention backend build what the steps of requests of this size and plan need (cudnn: its
+        graphs) before the next step (`prepare_pending`), not inside the layers that meet them; queued, so that
+        adding a request never waits for it. A step whose largest scale is s has tables as wide as the widest of
         scales <= s (all its rows are at those scales)."""
         widths = np.maximum.accumulate(plan.table_widths(self.page_size))
         most_rows = self.config.max_num_seqs * rows
-        shapes = [CallShape(most_rows, self.max_num_batched_tokens, n, int(w)) for n, w in zip(schedule.tokens, widths)]
-        start = time.perf_counter()
-        built = prepare_backend(self.backend, self.pool.k_pages, self.model_config.num_heads, SOFTMAX_SCALE, shapes)
-        if built:
-            logger.info("attention backend %s: prepared %d kernel graphs for %s steps in %.2f s", self.backend, built,
-                        schedule.name, time.perf_counter() - start)
+        self._unprepared.append((schedule.name, [CallShape(most_rows, self.max_num_batched_tokens, n, int(w))
+                                                 for n, w in zip(schedule.tokens, widths)]))
+
+    def prepare_pending(self) -> None:
+        """Build what `prepare_attention` queued (the engine calls it once at start; steps call it first)."""
+        while self._unprepared:
+            name, shapes = self._unprepared.pop(0)
+            start = time.perf_counter()
+            built = prepare_backend(self.backend, self.pool.k_pages, self.model_config.num_heads, SOFTMAX_SCALE,
+                                    shapes)
+            if built:
+                logger.info("attention backend %s: prepared %d kernel graphs for %s steps in %.2f s", self.backend,
+                            built, name, time.perf_counter() - start)
 
     def _encode(self, reqs: list[Request], upcoming: list[Request]) -> None:
         """Text encoder features of the requests that start now and, up to TEXT_AHEAD held, of those expected to
@@ -213,6 +222,7 @@ class ModelRunner:
         transformer's kernels are queued, before sampling: the engine plans the next step then, while the device
         is busy. Finished images are decoded and copied to the host without waiting for the device: `collect`
         hands them over."""
+        self.prepare_pending()
         self.steps += 1
         order = self._order(reqs)
         self._lap(begin={r.scale for r in reqs})
