@@ -183,7 +183,7 @@ class ModelRunner:
                 logger.info("attention backend %s: prepared %d kernel graphs for %s steps in %.2f s", self.backend,
                             built, name, time.perf_counter() - start)
 
-    def _encode(self, reqs: list[Request], upcoming: list[Request]) -> None:
+    def _encode(self, reqs: list[Request], upcoming: Sequence[Request]) -> None:
         """Text encoder features of the requests that start now and, up to TEXT_AHEAD held, of those expected to
         start next: one encoder call for a burst of arrivals instead of one per step of its staggered admission
         (each call runs one encoder pass per prompt length, ~3 ms of host time each, while those steps are

@@ -167,10 +167,7 @@ def paged_scores(k_pages: Tensor, block_table: Tensor, rows: Tensor, query: Tens
     to fp32 first took ~11 ms per 1024x1024 ScaleKV image); elsewhere the keys are gathered."""
     heads, d, page = block_table.shape[1], k_pages.shape[-1], k_pages.shape[1]
     if paged_scores_gather(k_pages):
-        positions = torch.arange(length, device=k_pages.device)
-        pages = block_table[rows[:, None, None], torch.arange(heads, device=k_pages.device)[None, :, None],
-                            positions // page].long()
-        keys = gather_rows(k_pages.view(-1, d), pages * page + positions % page)
+        keys = gather_rows(_flat(k_pages), _kv_slots(block_table[rows], length, page))
         return torch.einsum("ghld,ghd->ghl", keys.to(query.dtype), query) * scale
     out = torch.empty(len(rows), heads, length, dtype=query.dtype, device=k_pages.device)
     if out.numel():

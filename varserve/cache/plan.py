@@ -117,7 +117,7 @@ class KVPlan:
         return self._moves[key]
 
     def max_pages_per_table(self, page_size: int) -> int:
-        return int(_pages(self.attend_len, page_size).max())
+        return int(self.table_widths(page_size).max())
 
     def table_widths(self, page_size: int) -> np.ndarray:
         """[S] pages of the longest table while attending at each scale (a step's block tables are as wide as the
