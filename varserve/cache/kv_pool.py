@@ -10,45 +10,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from varserve.attention import (gather_rows, paged_attention, paged_attention_triton, paged_scores,
-                                paged_scores_gather, slot_mapping, token_rows, upload, wide_rows, write_kv)
+from varserve.attention import (paged_attention, paged_attention_triton, paged_scores, paged_scores_gather,
+                                slot_mapping, token_rows, upload, write_kv)
 from varserve.cache.block_manager import StepPages
+from varserve.cache.compaction import RunTable, move_kept, move_runs
 from varserve.cache.plan import ScoredCut, StaticCut
 from varserve.cache.scalekv import kept_positions, window_query
 from varserve.scheduler.request import Request
 
-Moves = tuple[Tensor, Tensor, Tensor, Tensor]  # (row, head, from position, to position), int64 [N] each
 SCORE_CHUNK_BYTES = 256 * 2**20  # ScaleKV selects for rows in chunks: bounds the temporaries of their keys' scores
 SELECT_BYTES_PER_KEY = 32  # a key's score, pooled score, sort key and index (plus the key where keys are gathered)
 SOFTMAX_SCALE = 1.0  # cosine attention: the model scales q itself
 
 
 class KVPool:
-    """K and V pages: [num_pages, page_size, head_dim] each; page 0 is the null page."""
+    """K and V pages: [num_pages, page_size, head_dim] each; page 0 is the null page. `runs`: the static cuts'
+    moves, on the device for the cuts' token moves (`compaction`)."""
 
     def __init__(self, num_pages: int, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.page_size = page_size
         self.k_pages = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
         self.v_pages = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
+        self.runs = RunTable(device)
 
     @staticmethod
     def page_bytes(page_size: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * page_size * head_dim * torch.empty(0, dtype=dtype).element_size()
-
-    def slots(self, table: Tensor, rows: Tensor, heads: Tensor, positions: Tensor) -> Tensor:
-        """int64 flat slots of token `positions` of (rows, heads) through a layer's block table [R, H, pages]
-        (all index tensors broadcast together)."""
-        pages = table[rows, heads, positions // self.page_size].long()
-        return pages * self.page_size + positions % self.page_size
-
-    def move(self, table: Tensor, moves: Moves) -> None:
-        """Copy K and V of token `from` to position `to` of every (row, head) listed; all tokens are read
-        before any is written, so a cut can move kept tokens down over dropped ones in one call."""
-        rows, heads, src, dst = moves
-        src_slots, dst_slots = self.slots(table, rows, heads, src), self.slots(table, rows, heads, dst)
-        for pages in (self.k_pages, self.v_pages):
-            (flat,) = wide_rows(pages.view(-1, pages.shape[-1]))
-            flat.index_copy_(0, dst_slots, gather_rows(flat, src_slots))
 
 
 class PagedKV:
@@ -119,24 +106,24 @@ class PagedKV:
                                self.max_seqlen, longest, SOFTMAX_SCALE, backend=route)
 
     def _compact(self, layer: int, table: Tensor, raw_q: Tensor | None) -> None:
-        """Move the kept tokens of every non-prefix cut to positions [0, kept): rows that share a cut form one
-        group, and all groups' moves go in one gather and one scatter per pool."""
-        static: dict[int, tuple[StaticCut, list[int]]] = {}
+        """Move the kept tokens of every non-prefix cut to positions [0, kept) (`compaction`): the static cuts of
+        all rows in one launch; ScaleKV's rows select, then move, by window size."""
+        static: list[np.ndarray] = []
         scored: dict[ScoredCut, list[int]] = {}
         for req, first in zip(self.reqs, self.first_row):
             cut, rows = req.plan.cut(req.scale, layer), list(range(first, first + req.rows))
             if isinstance(cut, StaticCut):
-                static.setdefault(id(cut), (cut, []))[1].extend(rows)
+                static.append(self.pool.runs.segments(cut, rows))
             elif isinstance(cut, ScoredCut):
                 scored.setdefault(cut, []).extend(rows)
-        moves = [self._static_moves(cut, rows) for cut, rows in static.values()]
+        if static:
+            segments = self._upload_once(("static", layer), lambda: np.concatenate(static))
+            move_runs(self.pool.k_pages, self.pool.v_pages, table, segments, self.pool.runs.runs())
         by_window: dict[int, list[tuple[ScoredCut, list[int]]]] = {}
         for cut, rows in scored.items():
             by_window.setdefault(len(cut.window), []).append((cut, rows))
         for groups in by_window.values():
-            moves += self._scored_moves(groups, table, raw_q)
-        if moves:
-            self.pool.move(table, tuple(torch.cat(m) for m in zip(*moves)))
+            self._move_scored(groups, table, raw_q)
 
     def _upload_once(self, key: tuple, make: Callable[[], np.ndarray]) -> Tensor:
         """Host index data on the device, uploaded on its first use in this step (shape) and then reused."""
@@ -144,23 +131,10 @@ class PagedKV:
             self._uploaded[key] = upload(make(), self.pool.k_pages.device)
         return self._uploaded[key]
 
-    def _rows(self, rows: list[int]) -> Tensor:
-        return self._upload_once(("rows", *rows), lambda: np.asarray(rows, dtype=np.int64))
-
-    def _static_moves(self, cut: StaticCut, rows: list[int]) -> Moves:
-        """The cut's runs expanded to tokens on the device, for every row of the group."""
-        device = self.pool.k_pages.device
-        heads, src, dst, length = (self._upload_once((name, cut), lambda: getattr(cut, name))
-                                   for name in ("heads", "src", "dst", "length"))
-        run = torch.repeat_interleave(torch.arange(len(cut.length), device=device), length, output_size=cut.tokens)
-        offset = torch.arange(cut.tokens, device=device) - (torch.cumsum(length, 0) - length)[run]
-        return _flat_moves(self._rows(rows)[:, None], heads[run][None], (src[run] + offset)[None],
-                           (dst[run] + offset)[None])
-
-    def _scored_moves(self, groups: list[tuple[ScoredCut, list[int]]], table: Tensor, raw_q: Tensor) -> list[Moves]:
+    def _move_scored(self, groups: list[tuple[ScoredCut, list[int]]], table: Tensor, raw_q: Tensor) -> None:
         """ScaleKV's selection for the rows of every cut (of one window size) in one batch, the shorter rows padded
         to the longest (one set of launches per layer, not one per cut: per cut they kept the host behind the
-        device), in chunks of rows that bound the temporaries of their scores; then each cut's moves."""
+        device), in chunks of rows that bound the temporaries of their scores; then all their moves."""
         longest, width = max(cut.attend_len for cut, _ in groups), max(cut.capacity for cut, _ in groups)
         meta = self._upload_once(("scored", *((cut, *rows) for cut, rows in groups)), lambda: self._scored_meta(groups))
         heads, k_pages = table.shape[1], self.pool.k_pages
@@ -168,14 +142,9 @@ class PagedKV:
         chunk = max(1, SCORE_CHUNK_BYTES // (heads * longest * per_key))
         kept = torch.cat([self._select(meta[i : i + chunk], table, raw_q, longest, width)
                           for i in range(0, len(meta), chunk)])
-        moves, first, device = [], 0, table.device
-        head = torch.arange(heads, device=device)[None, :, None]
-        for cut, rows in groups:
-            stop = first + len(rows)
-            moves.append(_flat_moves(meta[first:stop, 0, None, None], head, kept[first:stop, :, : cut.capacity],
-                                     torch.arange(cut.capacity, device=device)))
-            first = stop
-        return moves
+        segments = self._upload_once(("kept", *((cut, *rows) for cut, rows in groups)),
+                                     lambda: _kept_segments(groups, heads, width))
+        move_kept(self.pool.k_pages, self.pool.v_pages, table, segments, kept)
 
     def _scored_meta(self, groups: list[tuple[ScoredCut, list[int]]]) -> np.ndarray:
         """Per row, int64: row, tokens it attended (attend_len), tokens it keeps (capacity), its window tokens'
@@ -192,6 +161,11 @@ class PagedKV:
         return kept_positions(scores, meta[:, 3 : 3 + window], meta[:, 1], meta[:, 2], width)
 
 
-def _flat_moves(rows: Tensor, heads: Tensor, src: Tensor, dst: Tensor) -> Moves:
-    """The four index tensors broadcast together, flattened."""
-    return tuple(x.reshape(-1) for x in torch.broadcast_tensors(rows, heads, src, dst))
+def _kept_segments(groups: list[tuple[ScoredCut, list[int]]], heads: int, width: int) -> np.ndarray:
+    """`compaction` segments of scored rows: (row, head) keeps its cut's capacity of the positions selected for it,
+    which lie at (i * heads + head) * width of the selection `[rows, heads, width]` of the i-th row."""
+    rows = np.asarray([(row, cut.capacity) for cut, rows in groups for row in rows], dtype=np.int64)
+    head = np.arange(heads)
+    first = (np.arange(len(rows))[:, None] * heads + head) * width
+    parts = np.broadcast_arrays(rows[:, :1], head, first, rows[:, 1:])
+    return np.stack(parts, axis=-1).reshape(-1, 4).astype(np.int32)
