@@ -24,6 +24,7 @@ from varserve.attention import (
 )
 from varserve.attention import paged
 from varserve.attention.paged import _log_once
+from varserve.attention.cudnn_paged import PagedGraph
 from varserve.cache.allocator import BlockAllocator
 from varserve.cache.block_table import BlockTables, pages_for
 
@@ -252,12 +253,17 @@ class CudnnStandIn:
     queries at q's flat ragged offset with token stride H * d, keys through its table row, outputs to the same
     elements of out. Padding sequences must ask for nothing; no element may be written twice."""
 
+    empty_runs = 0  # runs on no tokens (PagedGraph.load)
+
     def __init__(self, shape, dtype, pool_pages, page_size, head_dim, heads, scale, handle):
         self.shape, self.page_size, self.heads, self.scale = shape, page_size, heads, scale
+
+    load = PagedGraph.load
 
     def run(self, q, k_pages, v_pages, table, meta, out, handle):
         n, d, stride = self.shape.sequences, q.shape[-1], self.heads * q.shape[-1]
         assert table.shape == (n, self.shape.pages) and meta.shape[1] % 4 == 0 and meta[0, n] == q.numel()
+        CudnnStandIn.empty_runs += not meta[1].any()
         flat_q, flat_out, written = q.reshape(-1), out.view(-1), torch.zeros(q.numel(), dtype=torch.bool)
         for offset, lq, lk, pages in zip(meta[0, :n].tolist(), meta[1].tolist(), meta[2].tolist(), table):
             if lq == 0:
@@ -296,7 +302,8 @@ def test_cudnn_sequence_layout_with_cpu_stand_in(min_q: int, monkeypatch: pytest
 
 def test_cudnn_prepares_the_graphs_its_calls_use(monkeypatch: pytest.MonkeyPatch) -> None:
     """prepare_graphs builds a graph for every power of two of large rows up to a shape's (none for shapes of
-    small rows), keyed as the calls key them: the ragged batch's call then builds nothing."""
+    small rows), keyed as the calls key them, and runs each once on no tokens: the ragged batch's call then builds
+    nothing."""
     from varserve.attention import CallShape, cudnn_paged
 
     monkeypatch.setattr(cudnn_paged, "PagedGraph", CudnnStandIn)
@@ -309,8 +316,9 @@ def test_cudnn_prepares_the_graphs_its_calls_use(monkeypatch: pytest.MonkeyPatch
     args = batch(pool, requests)  # 14 rows, 10 of them of >= 16 queries
     tokens, width = int(args["cu_seqlens_q"][-1]), args["block_table"].shape[-1]
     shapes = [CallShape(rows=14, tokens=tokens, max_q=36, pages=width), CallShape(14, tokens, 4, width)]
-    prepare = paged.BACKENDS["cudnn"].prepare
+    prepare, CudnnStandIn.empty_runs = paged.BACKENDS["cudnn"].prepare, 0
     assert prepare(pool.k_pages, 3, args["softmax_scale"], shapes) == 5  # 1, 2, 4, 8, 16 rows of 3 heads
+    assert CudnnStandIn.empty_runs == 5  # each run once on no tokens, so CUDA loads its kernel at start
     built = cudnn_paged._graph.cache_info().misses
     out = cudnn_paged.paged_attention_cudnn(**args)
     assert cudnn_paged._graph.cache_info().misses == built

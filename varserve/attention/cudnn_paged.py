@@ -130,6 +130,18 @@ class PagedGraph:
         graph.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         self.graph, self.workspace_bytes, self.shape, self.set_stream = (graph, graph.get_workspace_size(), shape,
                                                                          cudnn.set_stream)
+        self.heads = heads
+
+    def load(self, pages: Tensor, handle) -> None:
+        """Run once on no tokens: CUDA loads a kernel at its first launch, which took 3-50 ms of host time inside
+        the first step that ran the graph."""
+        n, heads = self.shape.sequences, self.heads
+        ends = np.array([self.shape.max_q])  # every sequence empty, at the end of q
+        meta = upload(sequence_metadata(ends, np.zeros((0, heads), dtype=np.int64), np.zeros(0, dtype=np.int64),
+                                        pages.shape[-1], n), pages.device)
+        q = torch.zeros(self.shape.max_q, heads, pages.shape[-1], dtype=pages.dtype, device=pages.device)
+        table = torch.zeros(n, self.shape.pages, dtype=torch.int32, device=pages.device)
+        self.run(q, pages, pages, table, meta, torch.empty_like(q), handle)
 
     def run(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, table: Tensor, meta: Tensor, out: Tensor,
             handle) -> None:
@@ -166,14 +178,20 @@ def _graph(shape: GraphShape, dtype: torch.dtype, pool_pages: int, page_size: in
 
 def prepare_graphs(k_pages: Tensor, heads: int, softmax_scale: float, shapes: list[CallShape]) -> int:
     """Build the graphs of every call of these shapes (any number of rows of >= HYBRID_MIN_Q queries, up to the
-    shape's, as powers of two); returns how many were not built before."""
+    shape's, as powers of two) and run each new one once on no tokens (`PagedGraph.load`); returns how many were
+    not built before."""
     wanted = {GraphShape.of(rows, heads, shape.max_q, shape.pages) for shape in shapes if shape.max_q >= HYBRID_MIN_Q
               for rows in _powers_of_two(min(shape.rows, shape.tokens // HYBRID_MIN_Q))}
-    before = _graph.cache_info().misses
+    built = 0
     for shape in sorted(wanted, key=lambda g: (g.max_q, g.pages, g.sequences)):
-        _graph(shape, k_pages.dtype, k_pages.shape[0], k_pages.shape[1], k_pages.shape[2], heads, float(softmax_scale),
-               k_pages.device)
-    return _graph.cache_info().misses - before
+        misses = _graph.cache_info().misses
+        graph = _graph(shape, k_pages.dtype, k_pages.shape[0], k_pages.shape[1], k_pages.shape[2], heads,
+                       float(softmax_scale), k_pages.device)
+        if _graph.cache_info().misses > misses:
+            built += 1
+            if graph is not None:
+                graph.load(k_pages, _handle(k_pages.device))
+    return built
 
 
 def _powers_of_two(most: int) -> list[int]:
