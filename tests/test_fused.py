@@ -38,23 +38,32 @@ def test_triton_cosine_qkv_matches_eager(heads: int, dim: int) -> None:
         assert rel_error(a, b) < 1e-2
 
 
-def page_inputs(tokens: int, heads: int, dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random pools and distinct random slots [tokens, heads] for the new K/V (page 0 included: no page is special
-    to the write)."""
+def page_inputs(tokens: int, heads: int, dim: int, device: str) -> fused.PageWrite:
+    """Random pools and a PageWrite of the tokens split into 3 rows, each (row, head) with its own history length
+    and distinct random pages (page 0 included: no page is special to the write)."""
     g = torch.Generator(device="cpu").manual_seed(2)
-    page_size = 16
-    num_pages = -(-tokens * heads // page_size) + 3
+    page_size, rows = 16, 3
+    lengths = [tokens // rows] * (rows - 1) + [tokens - tokens // rows * (rows - 1)]
+    start = torch.randint(0, 40, (rows, heads), generator=g, dtype=torch.int32)
+    width = -(-(int(start.max()) + max(lengths)) // page_size)
+    num_pages = rows * heads * width
+    table = torch.randperm(num_pages, generator=g).view(rows, heads, width).to(torch.int32)
     k_pages, v_pages = (torch.randn(num_pages, page_size, dim, generator=g).to(device, torch.bfloat16) for _ in "kv")
-    slots = torch.randperm(num_pages * page_size, generator=g)[: tokens * heads].view(tokens, heads)
-    return k_pages, v_pages, slots.to(device)
+    token_row = torch.repeat_interleave(torch.arange(rows), torch.tensor(lengths))
+    token_pos = torch.cat([torch.arange(n) for n in lengths])
+    return fused.PageWrite(k_pages, v_pages, *(x.to(device) for x in (table, start, token_row, token_pos)))
 
 
-def check_page_write(fast: tuple, slow: tuple, pages: tuple, before: tuple) -> None:
+def check_page_write(fast: tuple, slow: tuple, pages: fused.PageWrite, before: tuple) -> None:
     """`fast` wrote k and v into `pages`; `slow` returned them: the pages hold exactly slow's k, v at the slots
-    and are unchanged elsewhere."""
-    (k_pages, v_pages, slots), q = pages, fast[0]
+    (computed here from the table, start and positions), and nothing else changed."""
+    q = fast[0]
+    slots = (pages.table[pages.token_row[:, None], torch.arange(pages.start.shape[1], device=q.device),
+                         (pages.start[pages.token_row] + pages.token_pos[:, None]) // 16].long() * 16
+             + (pages.start[pages.token_row] + pages.token_pos[:, None]) % 16)
     assert fast[1] is None and fast[2] is None and torch.equal(q, slow[0])
-    for pool, old, new in ((k_pages, before[0], slow[1]), (v_pages, before[1], slow[2])):
+    assert slots.unique().numel() == slots.numel()
+    for pool, old, new in ((pages.k_pages, before[0], slow[1]), (pages.v_pages, before[1], slow[2])):
         expected = old.clone()
         expected.view(-1, old.shape[-1])[slots.reshape(-1)] = new.reshape(-1, old.shape[-1]).to(old.dtype)
         assert torch.equal(pool, expected)
@@ -63,7 +72,7 @@ def check_page_write(fast: tuple, slow: tuple, pages: tuple, before: tuple) -> N
 def test_cosine_qkv_writes_k_and_v_into_their_page_slots() -> None:
     args = qkv_inputs(301, 4, 32, "cpu")
     pages = page_inputs(301, 4, 32, "cpu")
-    before = (pages[0].clone(), pages[1].clone())
+    before = (pages.k_pages.clone(), pages.v_pages.clone())
     check_page_write(fused.cosine_qkv(*args, torch.bfloat16, pages), fused.cosine_qkv(*args, torch.bfloat16), pages,
                      before)
 
@@ -73,7 +82,7 @@ def test_cosine_qkv_writes_k_and_v_into_their_page_slots() -> None:
 def test_triton_cosine_qkv_writes_pages_bit_for_bit_as_its_outputs(heads: int, dim: int) -> None:
     """The kernel's page write stores what it returns without pages (which the eager comparison above checks)."""
     args, pages = qkv_inputs(1365, heads, dim, "cuda"), page_inputs(1365, heads, dim, "cuda")
-    before = (pages[0].clone(), pages[1].clone())
+    before = (pages.k_pages.clone(), pages.v_pages.clone())
     check_page_write(fused.cosine_qkv(*args, torch.bfloat16, pages), fused.cosine_qkv(*args, torch.bfloat16), pages,
                      before)
 
@@ -82,7 +91,7 @@ def test_triton_cosine_qkv_writes_pages_bit_for_bit_as_its_outputs(heads: int, d
                     reason="checks the Triton kernels on CPU only under TRITON_INTERPRET=1 with triton installed")
 def test_cosine_qkv_page_write_in_interpreter() -> None:
     args, pages = qkv_inputs(45, 4, 32, "cpu"), page_inputs(45, 4, 32, "cpu")
-    before = (pages[0].clone(), pages[1].clone())
+    before = (pages.k_pages.clone(), pages.v_pages.clone())
     check_page_write(fused._cosine_qkv_triton(*args, torch.bfloat16, pages),
                      fused._cosine_qkv_triton(*args, torch.bfloat16, None), pages, before)
 

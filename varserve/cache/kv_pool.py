@@ -11,11 +11,12 @@ import torch
 from torch import Tensor
 
 from varserve.attention import (paged_attention, paged_attention_triton, paged_scores, paged_scores_gather,
-                                slot_mapping, token_rows, upload, write_kv)
+                                token_rows, upload, write_kv)
 from varserve.cache.block_manager import StepPages
 from varserve.cache.compaction import RunTable, move_kept, move_runs
 from varserve.cache.plan import ScoredCut, StaticCut
 from varserve.cache.scalekv import kept_positions, window_query
+from varserve.models.fused import PageWrite
 from varserve.scheduler.request import Request
 
 SCORE_CHUNK_BYTES = 256 * 2**20  # ScaleKV selects for rows in chunks: bounds the temporaries of their keys' scores
@@ -80,16 +81,16 @@ class PagedKV:
     def wants_raw_query(self, layer: int) -> bool:
         return any(isinstance(r.plan.cut(r.scale, layer), ScoredCut) for r in self.reqs)
 
-    def page_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Where the layer's new K/V go: (k_pages, v_pages, slots [T, H]), for the model to write them there."""
-        slots = slot_mapping(self.block_tables[layer], self.history[layer], self.tokens, self.pool.page_size)
-        return self.pool.k_pages, self.pool.v_pages, slots
+    def page_slots(self, layer: int) -> PageWrite:
+        """Where the layer's new K/V go, for the model to write them there."""
+        return PageWrite(self.pool.k_pages, self.pool.v_pages, self.block_tables[layer], self.history[layer],
+                         *self.tokens)
 
     def attend(self, layer: int, q: Tensor, k: Tensor | None, v: Tensor | None, raw_q: Tensor | None) -> Tensor:
         """k, v: the layer's new K/V, or None when the model wrote them through `page_slots`."""
         if k is not None:
-            k_pages, v_pages, slots = self.page_slots(layer)
-            write_kv(k_pages, v_pages, k, v, slots)
+            write = self.page_slots(layer)
+            write_kv(write.k_pages, write.v_pages, k, v, write.slots())
         table = self.block_tables[layer]
         out = self._attention(layer, q, table)
         self._compact(layer, table, raw_q)

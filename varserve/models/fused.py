@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from varserve.attention import write_kv
+from varserve.attention import slot_mapping, write_kv
 
 try:
     import triton
@@ -26,7 +27,25 @@ except ImportError:  # CPU machines: the eager path runs
     triton = None
 
 logger = logging.getLogger("varserve")
-PageSlots = tuple[Tensor, Tensor, Tensor]  # (k_pages, v_pages [N, page_size, d], slots [T, H] int64): where K/V go
+
+
+@dataclass(frozen=True)
+class PageWrite:
+    """Where a layer's new K/V go: token i of row b, head h, to position start[b, h] + i of that (row, head)'s
+    pages. pages `[N, page_size, d]`; table `[R, H, pages]` and start `[R, H]` (int32, contiguous); token_row and
+    token_pos `[T]` int64: each packed token's row and position in it (`token_rows`)."""
+
+    k_pages: Tensor
+    v_pages: Tensor
+    table: Tensor
+    start: Tensor
+    token_row: Tensor
+    token_pos: Tensor
+
+    def slots(self) -> Tensor:
+        """`[T, H]` int64 flat slots (`slot_mapping`)."""
+        return slot_mapping(self.table, self.start, (self.token_row, self.token_pos), self.k_pages.shape[1])
+
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -227,20 +246,20 @@ def _group_affine(sums: Tensor, m2s: Tensor, pixels: int, groups: int, weight: T
 
 
 def cosine_qkv(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Tensor, cos: Tensor, sin: Tensor,
-               dtype: torch.dtype, pages: PageSlots | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+               dtype: torch.dtype, pages: PageWrite | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """qkv [T, 3, H, d] (no bias) -> q, k, v [T, H, d]: biases, L2-normalised q (times the per-head scale
-    q_scale [H, 1]) and k in q_scale's precision, 2D RoPE on both, cast to dtype. With `pages` (k_pages,
-    v_pages [N, page_size, d], slots [T, H] int64 flat slots) k and v go straight into their pages (in the
-    pages' dtype) and come back as None. On CUDA one Triton program per token does it all (torch.compile's
-    fusion of this ran ~8x under memory bandwidth; the page write saves writing k and v once more)."""
+    q_scale [H, 1]) and k in q_scale's precision, 2D RoPE on both, cast to dtype. With `pages` k and v go
+    straight into their page slots (in the pages' dtype) and come back as None. On CUDA one Triton program per
+    token does it all, the slots included (torch.compile's fusion of this ran ~8x under memory bandwidth; the
+    page write saves writing k and v once more, and the slots in the kernel ~10 launches a layer)."""
     half = qkv.shape[-1] // 2
     fits_kernel = half & (half - 1) == 0 and q_scale.dtype == torch.float32  # power-of-2 pairs, fp32 math
-    if fits_kernel and _kernels_on(qkv, q_bias, v_bias, q_scale, *(pages or ())):
+    if fits_kernel and _kernels_on(qkv, q_bias, v_bias, q_scale, *((pages.k_pages, pages.v_pages) if pages else ())):
         return _cosine_qkv_triton(qkv, q_bias, v_bias, q_scale, cos, sin, dtype, pages)
     q, k, v = cosine_qkv_eager(qkv, q_bias, v_bias, q_scale, cos, sin, dtype)
     if pages is None:
         return q, k, v
-    write_kv(*pages[:2], k, v, pages[2])
+    write_kv(pages.k_pages, pages.v_pages, k, v, pages.slots())
     return q, None, None
 
 
@@ -254,20 +273,25 @@ def cosine_qkv_eager(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Tenso
 
 
 def _cosine_qkv_triton(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Tensor, cos: Tensor, sin: Tensor,
-                       dtype: torch.dtype, pages: PageSlots | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                       dtype: torch.dtype, pages: PageWrite | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     T, _, H, d = qkv.shape
     qkv = qkv.contiguous()
     q = torch.empty(T, H, d, dtype=dtype, device=qkv.device)
     if pages is None:
-        k, v, slots = torch.empty_like(q), torch.empty(T, H, d, dtype=qkv.dtype, device=qkv.device), q
+        k, v = torch.empty_like(q), torch.empty(T, H, d, dtype=qkv.dtype, device=qkv.device)
+        where, width, page = (q, q, q, q), 1, 1
     else:
-        k, v, slots = pages[0], pages[1], pages[2].contiguous()
-        if not (k.is_contiguous() and v.is_contiguous() and k.shape[-1] == d and slots.shape == (T, H)):
-            raise ValueError(f"cosine_qkv: pages must be contiguous [N, page_size, {d}] and slots [{T}, {H}]")
+        k, v, where = pages.k_pages, pages.v_pages, (pages.table, pages.start, pages.token_row, pages.token_pos)
+        width, page = pages.table.shape[-1], k.shape[1]
+        fits = pages.table.shape[:2] == pages.start.shape and pages.start.shape[1] == H and len(pages.token_row) == T
+        if not (fits and k.is_contiguous() and v.is_contiguous() and k.shape[-1] == d
+                and all(x.is_contiguous() for x in where)):
+            raise ValueError(f"cosine_qkv: pages must be contiguous [N, page_size, {d}], with a contiguous table "
+                             f"[R, {H}, pages], start [R, {H}] and {T} token rows and positions")
     _cosine_qkv_kernel[(T,)](
         qkv, q_bias.contiguous(), v_bias.contiguous(), q_scale.reshape(H).float().contiguous(),
-        cos.float().contiguous(), sin.float().contiguous(), q, k, v, slots,
-        HEADS=H, HALF=d // 2, BLOCK_H=triton.next_power_of_2(H), PAGED=pages is not None, num_warps=4)
+        cos.float().contiguous(), sin.float().contiguous(), q, k, v, *where, width,
+        HEADS=H, HALF=d // 2, BLOCK_H=triton.next_power_of_2(H), PAGE=page, PAGED=pages is not None, num_warps=4)
     return (q, k, v) if pages is None else (q, None, None)
 
 
@@ -308,8 +332,9 @@ if triton is not None:
         tl.store(Out + t * C + offs, x + y * g, mask=mask)
 
     @triton.jit
-    def _cosine_qkv_kernel(QKV, QBias, VBias, QScale, Cos, Sin, Q, K, V, Slots,
-                           HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, PAGED: tl.constexpr):
+    def _cosine_qkv_kernel(QKV, QBias, VBias, QScale, Cos, Sin, Q, K, V, Table, Start, TokenRow, TokenPos, width,
+                           HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr,
+                           PAGED: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
         valid = h < HEADS
@@ -320,7 +345,10 @@ if triton is not None:
         sin = tl.load(Sin + t * HALF + tl.arange(0, HALF))[None, :]
         scale = tl.load(QScale + h, mask=valid, other=0.0)
         if PAGED:  # k and v of (token, head) go to their page slot's row
-            kv_offs = tl.load(Slots + t * HEADS + h, mask=valid, other=0) * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+            sequence = tl.load(TokenRow + t) * HEADS + h  # [BLOCK_H, 1]: (row, head)
+            position = tl.load(Start + sequence, mask=valid, other=0) + tl.load(TokenPos + t)
+            page = tl.load(Table + sequence * width + position // PAGE, mask=valid, other=0).to(tl.int64)
+            kv_offs = (page * PAGE + position % PAGE) * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
         else:
             kv_offs = row + offs
         for part in tl.static_range(2):  # 0: q (bias, per-head scale), 1: k

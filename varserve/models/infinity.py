@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from varserve.attention import upload, varlen_attention
 from varserve.models.config import ModelConfig
-from varserve.models.fused import (PageSlots, add_ln_modulate, cosine_qkv, gated_add, gated_add_layer_norm, ln_modulate,
+from varserve.models.fused import (PageWrite, add_ln_modulate, cosine_qkv, gated_add, gated_add_layer_norm, ln_modulate,
                                    needs_grad)
 
 MAX_LOG_SCALE = math.log(100.0)
@@ -39,7 +39,7 @@ class SelfAttentionKV(Protocol):
 
     def wants_raw_query(self, layer: int) -> bool: ...
 
-    def page_slots(self, layer: int) -> PageSlots | None: ...
+    def page_slots(self, layer: int) -> PageWrite | None: ...
 
 
 @dataclass
