@@ -279,10 +279,10 @@ def _cosine_qkv_triton(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Ten
     q = torch.empty(T, H, d, dtype=dtype, device=qkv.device)
     if pages is None:
         k, v = torch.empty_like(q), torch.empty(T, H, d, dtype=qkv.dtype, device=qkv.device)
-        where, width, page = (q, q, q, q), 1, 1
+        where, pages_per_table, page = (q, q, q, q), 1, 1
     else:
         k, v, where = pages.k_pages, pages.v_pages, (pages.table, pages.start, pages.token_row, pages.token_pos)
-        width, page = pages.table.shape[-1], k.shape[1]
+        pages_per_table, page = pages.table.shape[-1], k.shape[1]
         fits = pages.table.shape[:2] == pages.start.shape and pages.start.shape[1] == H and len(pages.token_row) == T
         if not (fits and k.is_contiguous() and v.is_contiguous() and k.shape[-1] == d
                 and all(x.is_contiguous() for x in where)):
@@ -290,7 +290,7 @@ def _cosine_qkv_triton(qkv: Tensor, q_bias: Tensor, v_bias: Tensor, q_scale: Ten
                              f"[R, {H}, pages], start [R, {H}] and {T} token rows and positions")
     _cosine_qkv_kernel[(T,)](
         qkv, q_bias.contiguous(), v_bias.contiguous(), q_scale.reshape(H).float().contiguous(),
-        cos.float().contiguous(), sin.float().contiguous(), q, k, v, *where, width,
+        cos.float().contiguous(), sin.float().contiguous(), q, k, v, *where, pages_per_table,
         HEADS=H, HALF=d // 2, BLOCK_H=triton.next_power_of_2(H), PAGE=page, PAGED=pages is not None, num_warps=4)
     return (q, k, v) if pages is None else (q, None, None)
 
@@ -332,7 +332,7 @@ if triton is not None:
         tl.store(Out + t * C + offs, x + y * g, mask=mask)
 
     @triton.jit
-    def _cosine_qkv_kernel(QKV, QBias, VBias, QScale, Cos, Sin, Q, K, V, Table, Start, TokenRow, TokenPos, width,
+    def _cosine_qkv_kernel(QKV, QBias, VBias, QScale, Cos, Sin, Q, K, V, Table, Start, TokenRow, TokenPos, pages,
                            HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr,
                            PAGED: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
@@ -347,7 +347,7 @@ if triton is not None:
         if PAGED:  # k and v of (token, head) go to their page slot's row
             sequence = tl.load(TokenRow + t) * HEADS + h  # [BLOCK_H, 1]: (row, head)
             position = tl.load(Start + sequence, mask=valid, other=0) + tl.load(TokenPos + t)
-            page = tl.load(Table + sequence * width + position // PAGE, mask=valid, other=0).to(tl.int64)
+            page = tl.load(Table + sequence * pages + position // PAGE, mask=valid, other=0).to(tl.int64)
             kv_offs = (page * PAGE + position % PAGE) * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
         else:
             kv_offs = row + offs
