@@ -61,7 +61,8 @@ class PagedKV:
         self.cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(row_lengths)]), dtype=torch.int32)
         self.first_row = np.cumsum([0] + [r.rows for r in reqs])[:-1]
         device = pool.k_pages.device
-        self.block_tables, self.history = upload(pages.block_tables, device), upload(pages.history, device)
+        self.block_tables = upload(pages.block_tables, device)
+        self.history = upload(np.ascontiguousarray(pages.history), device)  # the page-write kernel reads it flat
         self.tokens = token_rows(self.cu_seqlens, sum(row_lengths), device)
         self.static_route = static_route
         self.device_meta = (upload(pages.seqlens, device, torch.int32), upload(self.cu_seqlens, device)) \
