@@ -110,16 +110,17 @@ class PagedKV:
     def _compact(self, layer: int, table: Tensor, raw_q: Tensor | None) -> None:
         """Move the kept tokens of every non-prefix cut to positions [0, kept) (`compaction`): the static cuts of
         all rows in one launch; ScaleKV's rows select, then move, by window size."""
-        static: list[np.ndarray] = []
+        static: list[tuple[StaticCut, list[int]]] = []
         scored: dict[ScoredCut, list[int]] = {}
         for req, first in zip(self.reqs, self.first_row):
             cut, rows = req.plan.cut(req.scale, layer), list(range(first, first + req.rows))
             if isinstance(cut, StaticCut):
-                static.append(self.pool.runs.segments(cut, rows))
+                static.append((cut, rows))
             elif isinstance(cut, ScoredCut):
                 scored.setdefault(cut, []).extend(rows)
         if static:
-            segments = self._upload_once(("static", layer), lambda: np.concatenate(static))
+            segments = self._upload_once(("static", layer),
+                                         lambda: np.concatenate([self.pool.runs.segments(*c) for c in static]))
             move_runs(self.pool.k_pages, self.pool.v_pages, table, segments, self.pool.runs.runs())
         by_window: dict[int, list[tuple[ScoredCut, list[int]]]] = {}
         for cut, rows in scored.items():
